@@ -1,0 +1,45 @@
+"""Shared fixtures: checkpoints written by transformers, built once per test run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from checkpoints import make_checkpoint  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="session")
+def examples_dir() -> Path:
+    return EXAMPLES
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-vit"), "vit", "tiny", num_labels=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_deit(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-deit"), "deit", "tiny", num_labels=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_deit_distilled(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-deit-distilled"), "deit-distilled", "tiny", num_labels=6)
+
+
+@pytest.fixture(scope="session")
+def base_vit(tmp_path_factory) -> Path:
+    """Full google/vit-base-patch16-224 shape (1000 labels)."""
+    return make_checkpoint(tmp_path_factory.mktemp("vit-base"), "vit", "base", num_labels=1000)
+
+
+@pytest.fixture(scope="session")
+def base_deit_distilled(tmp_path_factory) -> Path:
+    """Full facebook/deit-base-distilled-patch16-224 shape (1000 labels)."""
+    return make_checkpoint(tmp_path_factory.mktemp("deit-base"), "deit-distilled", "base", num_labels=1000)

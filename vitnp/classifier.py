@@ -1,0 +1,152 @@
+"""Classifier: a loaded checkpoint plus its preprocessing, forward pass and postprocessing."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels
+from .config import ViTConfig, load_config
+from .errors import ConfigError, ParameterError
+from .hub import ModelLocation, locate
+from .model import Workspace, forward
+from .postprocess import DEFAULT_TOP_K, postprocess
+from .preprocess import (
+    PreprocessorConfig,
+    default_preprocessor_config,
+    load_preprocessor_config,
+    preprocess,
+    target_size,
+)
+from .weights import load_weights
+
+BACKENDS = ("auto", "numba", "blas")
+# Larger inputs are cut into chunks of this many images so activation memory stays bounded.
+MAX_FORWARD_BATCH = 16
+
+
+class Classifier:
+    def __init__(self, location: ModelLocation, config: ViTConfig, processor: PreprocessorConfig,
+                 backend: str = "auto", load_seconds: float | None = None):
+        self.location = location
+        self.config = config
+        self.processor = processor
+        self.backend = backend
+        t0 = time.perf_counter()
+        self.weights = load_weights(location.path, config, backend=backend)
+        self.load_seconds = load_seconds if load_seconds is not None else time.perf_counter() - t0
+        self._workspace = Workspace(config)
+        # One workspace per classifier: concurrent callers take turns on the forward pass.
+        self._lock = threading.Lock()
+        h, w = target_size(processor)
+        if (h, w) != (config.image_size, config.image_size):
+            raise ConfigError(
+                f"{location.path}: preprocessor_config.json produces {h}x{w} images but the model expects "
+                f"{config.image_size}x{config.image_size}"
+            )
+
+    @property
+    def model_id(self) -> str:
+        return self.location.model_id
+
+    @property
+    def revision(self) -> str | None:
+        return self.location.revision
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.config.id2label
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Classifier({self.model_id!r}, {c.architecture}, {c.num_hidden_layers}x{c.hidden_size}, "
+                f"{c.image_size}px, {c.num_labels} labels, backend={self.backend!r})")
+
+    def preprocess(self, images) -> np.ndarray:
+        """Image(s) -> float32 (B, 3, H, W) pixel values, as transformers' PIL image processor makes them."""
+        return preprocess(images, self.processor)
+
+    def logits(self, pixel_values: np.ndarray) -> np.ndarray:
+        c = self.config
+        x = np.asarray(pixel_values)
+        if x.ndim == 3:
+            x = x[None]
+        expected = (c.num_channels, c.image_size, c.image_size)
+        if x.ndim != 4 or x.shape[1:] != expected:
+            raise ParameterError(f"pixel_values must have shape (B, {', '.join(map(str, expected))}), got {x.shape}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((x.shape[0], c.num_labels), np.float32)
+        with self._lock:
+            for start in range(0, x.shape[0], MAX_FORWARD_BATCH):
+                chunk = x[start:start + MAX_FORWARD_BATCH]
+                out[start:start + len(chunk)] = forward(self.weights, c, chunk, self._workspace)
+        return out
+
+    def postprocess(self, logits: np.ndarray, top_k: int = DEFAULT_TOP_K, function_to_apply: str | None = None):
+        return postprocess(logits, self.config.id2label, self.config.problem_type, top_k, function_to_apply)
+
+    def classify(self, images, top_k: int = DEFAULT_TOP_K, function_to_apply: str | None = None):
+        """One image -> [{"label", "score"}, ...]; a list of images -> a list of such lists."""
+        single = not isinstance(images, (list, tuple))
+        batch = [images] if single else list(images)
+        # Check parameters before the forward pass so a bad call fails fast.
+        postprocess(np.zeros((0, self.config.num_labels), np.float32), self.config.id2label,
+                    self.config.problem_type, top_k, function_to_apply)
+        results = self.postprocess(self.logits(self.preprocess(batch)), top_k, function_to_apply)
+        return results[0] if single else results
+
+    def warmup(self, batch_sizes=(1,)) -> float:
+        """Compile the kernels and touch the buffers for these batch sizes; returns the seconds it took."""
+        t0 = time.perf_counter()
+        c = self.config
+        for b in batch_sizes:
+            self.logits(np.zeros((b, c.num_channels, c.image_size, c.image_size), np.float32))
+        return time.perf_counter() - t0
+
+    def backend_report(self) -> dict:
+        """Which GEMM backend each layer shape uses (decided on first use when backend='auto')."""
+        w = self.weights
+        linears = {"patch_embed": w.patch_embed, "qkv": w.layers[0].qkv, "attn_out": w.layers[0].attn_out,
+                   "fc1": w.layers[0].fc1, "fc2": w.layers[0].fc2, "head": w.heads[0]}
+        return {"backend": self.backend, "threads": kernels.get_num_threads(),
+                "layers": {name: lin.report() for name, lin in linears.items()}}
+
+
+def load(model: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,
+         cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
+         backend: str = "auto", threads: int | None = None, progress: bool = True) -> Classifier:
+    """Load a ViT/DeiT image classifier: a Hub id, a local directory, or "bundled:<name>"."""
+    if backend not in BACKENDS:
+        raise ParameterError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ParameterError(f"threads must be a positive integer, got {threads!r}")
+        kernels.set_num_threads(threads)
+    t0 = time.perf_counter()
+    location = locate(model, revision, token, cache_dir, local_files_only, progress)
+    config = load_config(location.path / "config.json")
+    processor_path = Path(location.path) / "preprocessor_config.json"
+    processor = (load_preprocessor_config(processor_path) if processor_path.is_file()
+                 else default_preprocessor_config(config.model_type))
+    clf = Classifier(location, config, processor, backend)
+    clf.load_seconds = time.perf_counter() - t0
+    return clf
+
+
+_loaded: dict[tuple, Classifier] = {}
+_loaded_lock = threading.Lock()
+
+
+def classify(image, model: str = "google/vit-base-patch16-224", top_k: int = DEFAULT_TOP_K,
+             function_to_apply: str | None = None, revision: str | None = None, **load_kwargs):
+    """One-call classification; the loaded model is kept for the next call with the same model/revision."""
+    key = (str(model), revision, tuple(sorted(load_kwargs.items())))
+    with _loaded_lock:
+        clf = _loaded.get(key)
+        if clf is None:
+            clf = _loaded[key] = load(model, revision=revision, **load_kwargs)
+    return clf.classify(image, top_k=top_k, function_to_apply=function_to_apply)

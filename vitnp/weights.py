@@ -1,0 +1,231 @@
+"""model.safetensors -> ViTWeights: validated against the config, laid out once for the forward pass.
+
+Tensors are read as zero-copy views on a memory map of the file; each one is converted/packed exactly once
+(fused QKV, float32, the GEMM layout of vitnp.kernels.Linear) and the map is dropped afterwards, so the resident
+weights are the packed ones only.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ViTConfig
+from .errors import CheckpointError
+from .kernels import Linear
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+# Tensors that transformers itself ignores when loading these architectures.
+_IGNORED_SUFFIXES = ("pooler.dense.weight", "pooler.dense.bias")
+
+
+@dataclass
+class LayerWeights:
+    ln1_weight: np.ndarray
+    ln1_bias: np.ndarray
+    qkv: Linear          # fused query|key|value projection
+    attn_out: Linear
+    ln2_weight: np.ndarray
+    ln2_bias: np.ndarray
+    fc1: Linear
+    fc2: Linear
+
+
+@dataclass
+class ViTWeights:
+    patch_embed: Linear            # conv(kernel=stride=patch) as a GEMM over flattened patches
+    prefix_tokens: np.ndarray      # (num_prefix_tokens, D): [CLS] (+ distillation token), position embedding added
+    patch_pos_embed: np.ndarray    # (num_patches, D)
+    layers: list[LayerWeights]
+    final_ln_weight: np.ndarray
+    final_ln_bias: np.ndarray
+    heads: list[Linear]            # one classifier, or [cls_classifier, distillation_classifier]
+
+
+def expected_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name transformers' save_pretrained writes for this config, with its shape."""
+    p, D, I, L = cfg.prefix, cfg.hidden_size, cfg.intermediate_size, cfg.num_labels
+    e = {
+        f"{p}.embeddings.cls_token": (1, 1, D),
+        f"{p}.embeddings.position_embeddings": (1, cfg.seq_len, D),
+        f"{p}.embeddings.patch_embeddings.projection.weight": (D, cfg.num_channels, cfg.patch_size, cfg.patch_size),
+        f"{p}.embeddings.patch_embeddings.projection.bias": (D,),
+        f"{p}.layernorm.weight": (D,),
+        f"{p}.layernorm.bias": (D,),
+    }
+    if cfg.num_prefix_tokens == 2:
+        e[f"{p}.embeddings.distillation_token"] = (1, 1, D)
+    for i in range(cfg.num_hidden_layers):
+        q = f"{p}.encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            e[q + f"attention.attention.{name}.weight"] = (D, D)
+            if cfg.qkv_bias:
+                e[q + f"attention.attention.{name}.bias"] = (D,)
+        e[q + "attention.output.dense.weight"] = (D, D)
+        e[q + "attention.output.dense.bias"] = (D,)
+        e[q + "intermediate.dense.weight"] = (I, D)
+        e[q + "intermediate.dense.bias"] = (I,)
+        e[q + "output.dense.weight"] = (D, I)
+        e[q + "output.dense.bias"] = (D,)
+        for ln in ("layernorm_before", "layernorm_after"):
+            e[q + f"{ln}.weight"] = (D,)
+            e[q + f"{ln}.bias"] = (D,)
+    heads = ("cls_classifier", "distillation_classifier") if cfg.distilled else ("classifier",)
+    for h in heads:
+        e[f"{h}.weight"] = (L, D)
+        e[f"{h}.bias"] = (L,)
+    return e
+
+
+class _TensorFile:
+    """Zero-copy views on one .safetensors file (header parsed per the safetensors spec)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) < 8:
+                    raise CheckpointError(f"{path}: not a safetensors file (too short)")
+                (n,) = struct.unpack("<Q", raw)
+                if n > 100_000_000:
+                    raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
+                header = json.loads(f.read(n))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: weights file not found") from None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
+        header.pop("__metadata__", None)
+        size = path.stat().st_size
+        self.entries = {}
+        for name, info in header.items():
+            try:
+                dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from None
+            if 8 + n + end > size or start > end:
+                raise CheckpointError(f"{path}: tensor {name!r} lies beyond the end of the file (truncated download?)")
+            self.entries[name] = (dtype, shape, 8 + n + start, end - start)
+        self._map = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+
+    def view(self, name: str) -> np.ndarray:
+        dtype, shape, offset, nbytes = self.entries[name]
+        raw = self._map[offset:offset + nbytes].view(_DTYPES[dtype])
+        return raw.reshape(shape)
+
+
+def _open_checkpoint(model_dir: Path) -> dict[str, tuple[_TensorFile, str]]:
+    """name -> (file, name) over a single file or a sharded checkpoint."""
+    single, index = model_dir / SAFETENSORS, model_dir / SAFETENSORS_INDEX
+    if single.is_file():
+        f = _TensorFile(single)
+        return {name: f for name in f.entries}
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: malformed index (expected a JSON object with a 'weight_map')") from None
+        files, tensors = {}, {}
+        for name, shard in weight_map.items():
+            if shard not in files:
+                if Path(shard).name != shard:
+                    raise CheckpointError(f"{index}: shard name {shard!r} must be a file name in the model directory")
+                files[shard] = _TensorFile(model_dir / shard)
+            if name not in files[shard].entries:
+                raise CheckpointError(f"{index}: tensor {name!r} is listed in {shard} but that file does not hold it")
+            tensors[name] = files[shard]
+        return tensors
+    if (model_dir / "pytorch_model.bin").exists():
+        raise CheckpointError(
+            f"{model_dir}: only pytorch_model.bin is present; vitnp reads safetensors only "
+            "(convert with transformers: model.save_pretrained(dir) writes model.safetensors)"
+        )
+    raise CheckpointError(f"{model_dir}: no {SAFETENSORS} or {SAFETENSORS_INDEX} found")
+
+
+def validate(tensors: dict, cfg: ViTConfig, where: Path) -> None:
+    expected = expected_shapes(cfg)
+    problems = []
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(n for n in set(tensors) - set(expected) if not n.endswith(_IGNORED_SUFFIXES))
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+    if unexpected:
+        problems.append(
+            f"unexpected tensors: {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else "")
+        )
+    for name in sorted(set(expected) & set(tensors)):
+        dtype, shape, _, _ = tensors[name].entries[name]
+        if dtype not in _DTYPES:
+            problems.append(f"{name} has dtype {dtype}; supported: F32, F16, BF16")
+        elif shape != expected[name]:
+            problems.append(f"{name} has shape {list(shape)}, config.json implies {list(expected[name])}")
+    if problems:
+        raise CheckpointError(
+            f"{where}: checkpoint does not match config.json ({cfg.architecture}):\n  " + "\n  ".join(problems)
+        )
+
+
+def _float32(tensors: dict, name: str) -> np.ndarray:
+    """A float32 copy, never a view: no page of the memory map stays referenced after loading."""
+    f = tensors[name]
+    raw = f.view(name)
+    if f.entries[name][0] == "BF16":
+        # bfloat16 is the top half of a float32.
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return np.array(raw, dtype=np.float32, copy=True)
+
+
+def load_weights(model_dir: str | Path, cfg: ViTConfig, backend: str = "auto") -> ViTWeights:
+    model_dir = Path(model_dir)
+    tensors = _open_checkpoint(model_dir)
+    validate(tensors, cfg, model_dir)
+    p = cfg.prefix
+    get = lambda name: _float32(tensors, name)  # noqa: E731
+
+    def linear(prefix: str) -> Linear:
+        bias = get(prefix + ".bias") if prefix + ".bias" in tensors else None
+        return Linear(get(prefix + ".weight"), bias, backend=backend)
+
+    D = cfg.hidden_size
+    pos = get(f"{p}.embeddings.position_embeddings").reshape(cfg.seq_len, D)
+    prefix_tokens = [get(f"{p}.embeddings.cls_token").reshape(D)]
+    if cfg.num_prefix_tokens == 2:
+        prefix_tokens.append(get(f"{p}.embeddings.distillation_token").reshape(D))
+    prefix_tokens = np.stack(prefix_tokens) + pos[: cfg.num_prefix_tokens]
+
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        q = f"{p}.encoder.layer.{i}."
+        att = q + "attention.attention."
+        qkv_w = np.concatenate([get(att + n + ".weight") for n in ("query", "key", "value")])
+        qkv_b = (np.concatenate([get(att + n + ".bias") for n in ("query", "key", "value")])
+                 if cfg.qkv_bias else None)
+        layers.append(LayerWeights(
+            ln1_weight=get(q + "layernorm_before.weight"), ln1_bias=get(q + "layernorm_before.bias"),
+            qkv=Linear(qkv_w, qkv_b, backend=backend),
+            attn_out=linear(q + "attention.output.dense"),
+            ln2_weight=get(q + "layernorm_after.weight"), ln2_bias=get(q + "layernorm_after.bias"),
+            fc1=linear(q + "intermediate.dense"),
+            fc2=linear(q + "output.dense"),
+        ))
+        del qkv_w, qkv_b
+
+    conv = get(f"{p}.embeddings.patch_embeddings.projection.weight")
+    heads = ["cls_classifier", "distillation_classifier"] if cfg.distilled else ["classifier"]
+    return ViTWeights(
+        patch_embed=Linear(conv.reshape(D, -1), get(f"{p}.embeddings.patch_embeddings.projection.bias"),
+                           backend=backend),
+        prefix_tokens=np.ascontiguousarray(prefix_tokens, dtype=np.float32),
+        patch_pos_embed=np.ascontiguousarray(pos[cfg.num_prefix_tokens:]),
+        layers=layers,
+        final_ln_weight=get(f"{p}.layernorm.weight"),
+        final_ln_bias=get(f"{p}.layernorm.bias"),
+        heads=[linear(h) for h in heads],
+    )
