@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+import numba
+
 from . import kernels
 from .config import ViTConfig, load_config
 from .errors import ConfigError, ParameterError
@@ -112,7 +114,7 @@ class Classifier:
         w = self.weights
         linears = {"patch_embed": w.patch_embed, "qkv": w.layers[0].qkv, "attn_out": w.layers[0].attn_out,
                    "fc1": w.layers[0].fc1, "fc2": w.layers[0].fc2, "head": w.heads[0]}
-        return {"backend": self.backend, "threads": kernels.get_num_threads(),
+        return {"backend": self.backend, "threads": numba.get_num_threads(),
                 "layers": {name: lin.report() for name, lin in linears.items()}}
 
 

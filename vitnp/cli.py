@@ -1,0 +1,151 @@
+"""The `vitnp` command: `vitnp classify ...` and `vitnp serve ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "google/vit-base-patch16-224"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
+# Below this many images a progress bar is noise.
+PROGRESS_MIN_IMAGES = 16
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitnp", description="ViT / DeiT image classification in NumPy + Numba.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    c = sub.add_parser("classify", help="classify image files or directories of images",
+                       description="Classify images. Directories are searched recursively for image files.")
+    c.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    c.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"Hub id, local directory or bundled:<name> (default: {DEFAULT_MODEL})")
+    c.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    c.add_argument("--token", help="Hub token for private or gated models (default: HF_TOKEN / saved login)")
+    c.add_argument("--cache-dir", help="Hugging Face cache directory (default: HF_HUB_CACHE)")
+    c.add_argument("--top-k", type=positive_int, default=5, help="labels per image (default 5)")
+    c.add_argument("--function-to-apply", choices=["softmax", "sigmoid", "none"],
+                   help="score function (default: the model's: softmax for single-label models)")
+    c.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
+    c.add_argument("--backend", choices=["auto", "numba", "blas"], default="auto", help="GEMM backend")
+    c.add_argument("--threads", type=positive_int, help="compute threads (default: NUMBA_NUM_THREADS or all cores)")
+    c.add_argument("--json", action="store_true", help="print one JSON object per image (JSON lines)")
+    c.set_defaults(func=run_classify)
+
+    s = sub.add_parser("serve", help="serve models over HTTP (Hugging Face Inference API protocol)",
+                       add_help=False)
+    s.set_defaults(func=None)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"vitnp {__version__}"
+
+
+def find_images(inputs: list[str]) -> list[str]:
+    """Expand directories (recursively, sorted) into image files; plain paths are kept as given."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for root, dirs, files in os.walk(item):
+                dirs.sort()
+                found.extend(os.path.join(root, f) for f in sorted(files)
+                             if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith("."))
+        else:
+            found.append(item)
+    return found
+
+
+def run_classify(args) -> int:
+    from . import load
+    from .errors import VitnpError
+    from .preprocess import load_image
+
+    paths = find_images(args.inputs)
+    if not paths:
+        print(f"vitnp: no image files found in {' '.join(args.inputs)}", file=sys.stderr)
+        return 1
+    try:
+        clf = load(args.model, revision=args.revision, token=args.token, cache_dir=args.cache_dir,
+                   backend=args.backend, threads=args.threads)
+    except VitnpError as e:
+        print(f"vitnp: {e}", file=sys.stderr)
+        return 2
+
+    show_progress = sys.stderr.isatty() and len(paths) >= PROGRESS_MIN_IMAGES
+    failures = 0
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(paths), unit="img", disable=not show_progress, file=sys.stderr) as bar:
+        for start in range(0, len(paths), args.batch_size):
+            chunk = paths[start:start + args.batch_size]
+            images, good = [], []
+            for path in chunk:
+                try:
+                    images.append(load_image(path))
+                    good.append(path)
+                except VitnpError as e:
+                    failures += 1
+                    _emit(args, path, error=str(e), bar=bar)
+            if images:
+                results = clf.classify(images, top_k=args.top_k, function_to_apply=args.function_to_apply)
+                for path, predictions in zip(good, results):
+                    _emit(args, path, predictions=predictions, bar=bar)
+            bar.update(len(chunk))
+    if failures:
+        print(f"vitnp: {failures} of {len(paths)} images failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _emit(args, path: str, predictions=None, error=None, bar=None) -> None:
+    if args.json:
+        record = {"path": path, "predictions": predictions} if error is None else {"path": path, "error": error}
+        text = json.dumps(record)
+        stream = sys.stdout
+    elif error is not None:
+        text, stream = f"{path}: error: {error}", sys.stderr
+    else:
+        width = max(len(p["label"]) for p in predictions)
+        lines = [path] + [f"  {p['score']:8.4f}  {p['label']:<{width}}" for p in predictions]
+        text, stream = "\n".join(lines), sys.stdout
+    if bar is not None and not bar.disable:
+        bar.write(text, file=stream)
+    else:
+        print(text, file=stream, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "serve":
+        from .server import main as serve_main
+
+        return serve_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("vitnp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
