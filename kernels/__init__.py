@@ -1,0 +1,12 @@
+"""Numba/NumPy float32 kernels: GEMM-backed Linear, LayerNorm, exact GELU, softmax, multi-head attention.
+
+Nothing here knows about Vision Transformers.  Every Numba function compiles lazily on first call
+(and is cached on disk), so importing this package is cheap.
+"""
+from .attention import attention
+from .elementwise import erf, erf_max_error, exp, gelu_erf, layernorm, softmax_rows
+from .linear import Linear
+from .threads import get_num_threads, set_num_threads
+
+__all__ = ["attention", "erf", "erf_max_error", "exp", "gelu_erf", "layernorm", "softmax_rows", "Linear",
+           "get_num_threads", "set_num_threads"]

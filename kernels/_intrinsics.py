@@ -1,0 +1,24 @@
+"""LLVM-level helpers Numba does not expose: building 2**n from exponent bits (for a vectorisable exp)."""
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def exp2_int_float32(typingctx, n):
+    """2**n as float32 for an integral-valued float32 n in [-126, 127]: (n + 127) << 23, bit-cast.
+
+    Numba would widen the integer arithmetic to int64; doing it at i32 keeps the loop vectorisable.
+    """
+    if n != types.float32:
+        return None
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        as_int = builder.fptosi(args[0], i32)
+        biased = builder.add(as_int, ir.Constant(i32, 127))
+        bits = builder.shl(biased, ir.Constant(i32, 23))
+        return builder.bitcast(bits, ir.FloatType())
+
+    return sig, codegen

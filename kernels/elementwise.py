@@ -1,0 +1,238 @@
+"""Row-wise and element-wise float32 kernels: erf, GELU, LayerNorm, softmax.
+
+Transcendentals are written as polynomials because this Numba build has no SVML: a libm call per element
+blocks LLVM's loop vectoriser, while a polynomial becomes straight-line FMAs on zmm registers.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ._intrinsics import exp2_int_float32
+
+# erf(x) ~= x * P(x^2) on [-4, 4] (odd Chebyshev fit of degree 33, monomial form); |erf(x)| rounds to 1.0f
+# beyond 4 (erfc(4) = 1.5e-8).  Evaluated in float64 so the approximation, not the arithmetic, bounds
+# the error: ~1.1e-8 absolute against math.erf.
+_ERF_CLAMP = 4.0
+_ERF_C0 = 1.1283791003038375
+_ERF_C1 = -0.3761255111233317
+_ERF_C2 = 0.11283446181863008
+_ERF_C3 = -0.026859745230068725
+_ERF_C4 = 0.005217097652081891
+_ERF_C5 = -0.0008500995743887024
+_ERF_C6 = 0.00011831152379914283
+_ERF_C7 = -1.4159425168294491e-05
+_ERF_C8 = 1.4507083108630976e-06
+_ERF_C9 = -1.2544096348513896e-07
+_ERF_C10 = 8.958959010790883e-09
+_ERF_C11 = -5.143269627738134e-10
+_ERF_C12 = 2.2954845382924722e-11
+_ERF_C13 = -7.621393159657643e-13
+_ERF_C14 = 1.7624810880485746e-14
+_ERF_C15 = -2.5239241234386994e-16
+_ERF_C16 = 1.6806846274960205e-18
+
+_INV_SQRT2 = 0.7071067811865476
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def erf64(x):
+    """Branch-free erf approximation of a float64 (max abs error ~1.1e-8)."""
+    t = min(max(x, -_ERF_CLAMP), _ERF_CLAMP)
+    z = t * t
+    p = _ERF_C16
+    p = p * z + _ERF_C15
+    p = p * z + _ERF_C14
+    p = p * z + _ERF_C13
+    p = p * z + _ERF_C12
+    p = p * z + _ERF_C11
+    p = p * z + _ERF_C10
+    p = p * z + _ERF_C9
+    p = p * z + _ERF_C8
+    p = p * z + _ERF_C7
+    p = p * z + _ERF_C6
+    p = p * z + _ERF_C5
+    p = p * z + _ERF_C4
+    p = p * z + _ERF_C3
+    p = p * z + _ERF_C2
+    p = p * z + _ERF_C1
+    p = p * z + _ERF_C0
+    return t * p
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def gelu64(x):
+    """Exact (erf) GELU of a float64."""
+    return 0.5 * x * (1.0 + erf64(x * _INV_SQRT2))
+
+
+# exp(x) for float32: x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 Taylor/minimax polynomial,
+# 2^n assembled from its exponent bits.  Inputs below -87 flush to ~1e-38 (fine for softmax weights).
+_EXP_LO = np.float32(-87.0)
+_EXP_HI = np.float32(88.0)
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_P0 = np.float32(1.0)
+_EXP_P1 = np.float32(1.0)
+_EXP_P2 = np.float32(0.49999999)
+_EXP_P3 = np.float32(0.16666655)
+_EXP_P4 = np.float32(0.041666485)
+_EXP_P5 = np.float32(0.0083369026)
+_EXP_P6 = np.float32(0.0013887316)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def exp32(x):
+    """Vectorisable float32 exp (a few ulp)."""
+    x = min(max(x, _EXP_LO), _EXP_HI)
+    n = np.floor(x * _LOG2E + np.float32(0.5))
+    r = x - n * _LN2_HI
+    r = r - n * _LN2_LO
+    p = _EXP_P6
+    p = p * r + _EXP_P5
+    p = p * r + _EXP_P4
+    p = p * r + _EXP_P3
+    p = p * r + _EXP_P2
+    p = p * r + _EXP_P1
+    p = p * r + _EXP_P0
+    return p * exp2_int_float32(n)
+
+
+@njit(cache=True, fastmath=True)
+def _erf_flat(x, out):
+    for i in range(x.size):
+        out[i] = np.float32(erf64(np.float64(x[i])))
+
+
+def erf(x, out=None):
+    """Element-wise erf of a float32 array (the approximation GELU uses)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if out is None:
+        out = np.empty_like(x)
+    _erf_flat(x.reshape(-1), out.reshape(-1))
+    return out
+
+
+@njit(cache=True, fastmath=True)
+def _exp_flat(x, out):
+    for i in range(x.size):
+        out[i] = exp32(x[i])
+
+
+def exp(x, out=None):
+    """Element-wise exp of a float32 array (the approximation softmax and attention use)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if out is None:
+        out = np.empty_like(x)
+    _exp_flat(x.reshape(-1), out.reshape(-1))
+    return out
+
+
+def erf_max_error(lo=-8.0, hi=8.0, points=400_001):
+    """Max |erf approximation - math.erf| over a dense grid (float64 evaluation, as GELU uses it)."""
+    grid = np.linspace(lo, hi, points)
+    approx = _erf64_array(grid)
+    exact = np.array([math.erf(v) for v in grid.tolist()])
+    return float(np.max(np.abs(approx - exact)))
+
+
+@njit(cache=True, fastmath=True)
+def _erf64_array(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = erf64(x[i])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# GELU
+
+_PARALLEL_CHUNK = 16384  # elements per parallel task: small enough to split a (197, 3072) activation
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _gelu_flat(x):
+    n = x.size
+    chunks = (n + _PARALLEL_CHUNK - 1) // _PARALLEL_CHUNK
+    for c in prange(chunks):
+        start = c * _PARALLEL_CHUNK
+        stop = min(start + _PARALLEL_CHUNK, n)
+        for i in range(start, stop):
+            x[i] = np.float32(gelu64(np.float64(x[i])))
+
+
+def gelu_erf(x):
+    """In-place exact GELU x*0.5*(1+erf(x/sqrt(2))) of a float32 C-contiguous array; returns x."""
+    check_f32_contiguous(x, "x")
+    _gelu_flat(x.reshape(-1))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# LayerNorm
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _layernorm_rows(x, gamma, beta, eps, out):
+    rows, width = x.shape
+    inv_width = np.float32(1.0) / np.float32(width)
+    for r in prange(rows):
+        total = np.float32(0.0)
+        for j in range(width):
+            total += x[r, j]
+        mean = total * inv_width
+        sq = np.float32(0.0)
+        for j in range(width):
+            d = x[r, j] - mean
+            sq += d * d
+        inv_std = np.float32(1.0) / np.sqrt(sq * inv_width + eps)
+        for j in range(width):
+            out[r, j] = (x[r, j] - mean) * inv_std * gamma[j] + beta[j]
+
+
+def layernorm(x, gamma, beta, eps, out):
+    """Row LayerNorm of x (M, D) into out (may be x itself); biased variance, as torch does."""
+    check_f32_contiguous(x, "x")
+    check_f32_contiguous(out, "out")
+    if x.ndim != 2 or out.shape != x.shape or gamma.shape != (x.shape[1],) or beta.shape != (x.shape[1],):
+        raise ValueError(f"layernorm: shapes x{x.shape} out{out.shape} gamma{gamma.shape} beta{beta.shape}")
+    _layernorm_rows(x, np.asarray(gamma, np.float32), np.asarray(beta, np.float32), np.float32(eps), out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Softmax
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _softmax_rows(x, out):
+    rows, width = x.shape
+    for r in prange(rows):
+        top = x[r, 0]
+        for j in range(1, width):
+            top = max(top, x[r, j])
+        total = np.float32(0.0)
+        for j in range(width):
+            e = exp32(x[r, j] - top)
+            out[r, j] = e
+            total += e
+        inv_total = np.float32(1.0) / total
+        for j in range(width):
+            out[r, j] *= inv_total
+
+
+def softmax_rows(x, out):
+    """Numerically stable softmax of each row of x (M, N) into out (may be x itself)."""
+    check_f32_contiguous(x, "x")
+    check_f32_contiguous(out, "out")
+    if x.ndim != 2 or out.shape != x.shape:
+        raise ValueError(f"softmax_rows: shapes x{x.shape} out{out.shape}")
+    _softmax_rows(x, out)
+    return out
+
+
+def check_f32_contiguous(a, name):
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
+        got = f"{a.dtype} {'C' if a.flags.c_contiguous else 'non-C'}-contiguous" if isinstance(a, np.ndarray) else type(a).__name__
+        raise TypeError(f"{name} must be a float32 C-contiguous ndarray, got {got}")

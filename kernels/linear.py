@@ -1,0 +1,143 @@
+"""Linear layer (x @ W^T + b) with a NumPy/BLAS backend, a Numba backend and per-shape auto selection."""
+import threading
+import time
+
+import numpy as np
+
+from . import gemm as _gemm
+from .elementwise import check_f32_contiguous
+
+BACKENDS = ("auto", "numba", "blas")
+
+# (M, K, N) -> "numba" | "blas", shared by all Linear layers: the twelve blocks of a ViT have identical
+# shapes, so timing once per shape is enough and keeps every layer on the same choice.
+_auto_choice = {}
+_auto_timings = {}
+_auto_lock = threading.Lock()
+_local = threading.local()
+
+
+class Linear:
+    """y = x @ W^T + b for a torch-layout weight W (N, K).
+
+    The weight is converted once to a (K, N) float32 C-contiguous array: numpy's matmul hands it to sgemm
+    without copying, and the Numba GEMM packs cache-sized panels from it per call into small thread-local
+    buffers, so both backends share one copy and "auto" can switch freely.
+    """
+
+    def __init__(self, weight, bias=None, backend="auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        weight = np.asarray(weight)
+        if weight.ndim != 2 or weight.dtype.kind != "f":
+            raise TypeError(f"weight must be a 2-D float array (out_features, in_features), got "
+                            f"{weight.dtype} {weight.shape}")
+        self.out_features, self.in_features = weight.shape
+        self.backend = backend
+        self.weight_t = _transpose_to_f32(weight)
+        if bias is None:
+            self.bias = None
+        else:
+            bias = np.asarray(bias)
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {bias.shape}")
+            self.bias = np.ascontiguousarray(bias, dtype=np.float32)
+
+    # -- selection -------------------------------------------------------------------------------
+    def backend_for(self, rows):
+        """The backend used for an input with `rows` rows (times both on first use when auto)."""
+        if self.backend != "auto":
+            return self.backend
+        key = (int(rows), self.in_features, self.out_features)
+        choice = _auto_choice.get(key)
+        if choice is None:
+            with _auto_lock:
+                choice = _auto_choice.get(key)
+                if choice is None:
+                    choice = self._time_backends(key)
+        return choice
+
+    def _time_backends(self, key):
+        rows = key[0]
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((rows, self.in_features), dtype=np.float32)
+        out = np.empty((rows, self.out_features), np.float32)
+        best = {}
+        for name in ("numba", "blas"):
+            self._run(name, x, out, "none")  # compile / warm up
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                self._run(name, x, out, "none")
+                times.append(time.perf_counter() - start)
+            best[name] = min(times)
+        choice = min(best, key=best.get)
+        _auto_timings[key] = best
+        _auto_choice[key] = choice
+        return choice
+
+    # -- compute ---------------------------------------------------------------------------------
+    def __call__(self, x, out, epilogue="none"):
+        check_f32_contiguous(x, "x")
+        check_f32_contiguous(out, "out")
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"Linear: x must be (M, {self.in_features}), got {x.shape}")
+        if out.shape != (x.shape[0], self.out_features):
+            raise ValueError(f"Linear: out must be {(x.shape[0], self.out_features)}, got {out.shape}")
+        if epilogue not in _gemm.EPILOGUES:
+            raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {tuple(_gemm.EPILOGUES)}")
+        self._run(self.backend_for(x.shape[0]), x, out, epilogue)
+        return out
+
+    def _run(self, backend, x, out, epilogue):
+        if backend == "numba":
+            _gemm.gemm(x, self.weight_t, self.bias, out, epilogue)
+        else:
+            self._run_blas(x, out, epilogue)
+
+    def _run_blas(self, x, out, epilogue):
+        has_bias = self.bias is not None
+        bias = self.bias if has_bias else _gemm._NO_BIAS
+        if epilogue == "add":
+            product = _blas_scratch(out.shape)
+            np.matmul(x, self.weight_t, out=product)
+            _gemm.add_product_inplace(out, product, bias, has_bias)
+        else:
+            np.matmul(x, self.weight_t, out=out)
+            if has_bias or epilogue == "gelu":
+                _gemm.apply_epilogue_inplace(out, bias, has_bias, _gemm.EPILOGUES[epilogue])
+
+    def report(self):
+        """Shapes, backend setting and, for auto, the per-row-count choices and timings seen so far."""
+        shapes = {}
+        for (rows, k, n), choice in sorted(_auto_choice.items()):
+            if (k, n) == (self.in_features, self.out_features):
+                timing = _auto_timings.get((rows, k, n), {})
+                shapes[rows] = {"backend": choice,
+                                **{f"{name}_ms": round(t * 1e3, 3) for name, t in timing.items()}}
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "backend": self.backend, "auto_choices": shapes,
+                "weight_bytes": int(self.weight_t.nbytes)}
+
+    def __repr__(self):
+        return f"Linear(in_features={self.in_features}, out_features={self.out_features}, backend={self.backend!r})"
+
+
+def _transpose_to_f32(weight):
+    """(N, K) any-float (possibly read-only mmap) -> (K, N) float32 C-contiguous, without a float32 temp."""
+    n, k = weight.shape
+    out = np.empty((k, n), np.float32)
+    block = 256  # transposing in tiles keeps both source rows and destination rows cache-resident
+    for r in range(0, n, block):
+        np.copyto(out[:, r:r + block], weight[r:r + block].T, casting="same_kind")
+    return out
+
+
+def _blas_scratch(shape):
+    """Grow-only per-thread buffer for the BLAS path's residual product."""
+    size = shape[0] * shape[1]
+    buf = getattr(_local, "product", None)
+    if buf is None or buf.size < size:
+        buf = np.empty(size, np.float32)
+        _local.product = buf
+    return buf[:size].reshape(shape)
