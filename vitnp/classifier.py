@@ -132,7 +132,7 @@ def load(model: str | os.PathLike, revision: str | None = None, token: str | boo
     location = locate(model, revision, token, cache_dir, local_files_only, progress)
     config = load_config(location.path / "config.json")
     processor_path = Path(location.path) / "preprocessor_config.json"
-    processor = (load_preprocessor_config(processor_path) if processor_path.is_file()
+    processor = (load_preprocessor_config(processor_path, config.model_type) if processor_path.is_file()
                  else default_preprocessor_config(config.model_type))
     clf = Classifier(location, config, processor, backend)
     clf.load_seconds = time.perf_counter() - t0

@@ -69,6 +69,11 @@ def locate(model: str | os.PathLike, revision: str | None = None, token: str | b
             )
         return ModelLocation(path, model, None)
     if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise ModelNotFoundError(
+                f"{model!r} is a directory but not a model: it has no config.json (a model directory holds "
+                "config.json, model.safetensors and preprocessor_config.json, as save_pretrained writes them)"
+            )
         return ModelLocation(Path(model), model, None)
     if not is_hub_id(model):
         raise ModelNotFoundError(
@@ -112,7 +117,9 @@ def _download(repo_id, revision, token, cache_dir, local_files_only, progress) -
     except RevisionNotFoundError:
         raise ModelNotFoundError(f"model {repo_id!r} has no revision {revision!r}") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError):
-        where = cache_dir or os.environ.get("HF_HUB_CACHE") or "the Hugging Face cache"
+        from huggingface_hub import constants
+
+        where = cache_dir or constants.HF_HUB_CACHE
         raise OfflineError(
             f"cannot fetch {repo_id!r}: the Hugging Face Hub is unreachable (or offline mode is on) and the model is "
             f"not in {where}. {OFFLINE_HINT}"
