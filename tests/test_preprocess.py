@@ -552,3 +552,15 @@ def test_bad_model_type_and_direct_construction():
         PreprocessorConfig(image_std=(1.0, 0.0, 1.0))
     with pytest.raises(ConfigError, match="crop_size"):
         PreprocessorConfig(do_center_crop=True)
+
+
+def test_concurrent_loads_leave_warning_filters_untouched(examples_dir):
+    """load_image swaps warning filters under a lock; threads must not leave a stale filter list behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = list(warnings.filters)
+    data = (examples_dir / "coffee.jpg").read_bytes()
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        sizes = set(pool.map(lambda _: load_image(data).size, range(60)))
+    assert sizes == {(600, 400)}
+    assert warnings.filters == before

@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -95,6 +96,8 @@ class PreprocessorConfig:
                 cast = float if name.startswith("image_") else int
                 object.__setattr__(self, name, tuple(cast(v) for v in value))
         object.__setattr__(self, "rescale_factor", float(self.rescale_factor))
+        for name in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
 
     @classmethod
     def from_dict(cls, d: dict, model_type: str | None = None, source: str = "preprocessor config") -> "PreprocessorConfig":
@@ -318,6 +321,9 @@ def _validate_fields(source: str, f: dict) -> None:
 # --------------------------------------------------------------------------- image loading
 
 
+_BOMB_CHECK_LOCK = threading.Lock()
+
+
 def _bomb_message(size: tuple[int, int] | None, pixels: int | None) -> str:
     limit = Image.MAX_IMAGE_PIXELS
     what = f"{size[0]} x {size[1]} pixels" if size else f"{pixels} pixels"
@@ -340,10 +346,13 @@ def _size_from_bomb_traceback(exc: BaseException) -> tuple[int, int] | None:
 def _decode_to_rgb(fp: Any, name: str) -> Image.Image:
     """Image.open + full decode + load_image's RGB conversion; every failure -> one ImageError."""
     try:
-        with warnings.catch_warnings():
+        # catch_warnings swaps the process-wide filter list, which is not thread-safe; the
+        # lock keeps our threads from interleaving it. Only the (cheap) header parse in
+        # Image.open checks the size, so decoding stays outside the lock.
+        with _BOMB_CHECK_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(fp)
-            img.load()  # decode now, so truncated/corrupt data fails here and not later
+        img.load()  # decode now, so truncated/corrupt data fails here and not later
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except IsADirectoryError:
