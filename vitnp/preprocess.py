@@ -95,7 +95,8 @@ class PreprocessorConfig:
             if value is not None:
                 cast = float if name.startswith("image_") else int
                 object.__setattr__(self, name, tuple(cast(v) for v in value))
-        object.__setattr__(self, "rescale_factor", float(self.rescale_factor))
+        if _is_number(self.rescale_factor):
+            object.__setattr__(self, "rescale_factor", float(self.rescale_factor))
         for name in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
             object.__setattr__(self, name, bool(getattr(self, name)))
 
