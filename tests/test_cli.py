@@ -97,3 +97,33 @@ def test_no_images_found(tmp_path, tiny_vit):
 def test_bad_model_is_one_message(tmp_path, examples_dir):
     result = run_cli("classify", examples_dir / "cats.jpg", "--model", tmp_path)
     assert result.returncode == 2 and "has no config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_progress_bar_on_a_terminal(tiny_vit, examples_dir, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    for i in range(20):
+        shutil.copy(examples_dir / "coffee.jpg", tmp_path / f"{i:02d}.jpg")
+    controller, terminal = pty.openpty()
+    # A fresh pty is 0 columns wide, which makes tqdm draw an empty bar.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "vitnp", "classify", str(tmp_path), "--model", str(tiny_vit),
+                             "--json"], stdout=subprocess.PIPE, stderr=terminal, text=True)
+    os.close(terminal)
+    stdout, _ = proc.communicate(timeout=300)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert proc.returncode == 0
+    assert len(stdout.splitlines()) == 20
+    assert b"20/20" in shown and b"img" in shown
