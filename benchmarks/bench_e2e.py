@@ -1,0 +1,492 @@
+"""End-to-end logits latency: vitnp (each GEMM backend) vs PyTorch eager, ONNX Runtime and naive NumPy.
+
+    python benchmarks/bench_e2e.py                        # full run: batch 1 and 8, all systems
+    python benchmarks/bench_e2e.py --quick                # a short run while developing
+    python benchmarks/bench_e2e.py --systems vitnp-auto,ort --batch-sizes 1 --reps 20
+
+Model: a random-initialised google/vit-base-patch16-224-shaped checkpoint (ViT-B/16, 224 px, 1000 labels)
+written locally by transformers (tests/checkpoints.py) and cached under ~/.cache/vitnp-bench (or
+$VITNP_BENCH_CACHE); --checkpoint DIR uses another one.  Latency does not depend on the weight values.
+
+Systems, all in this one process and all given the same number of threads (--threads, default 2):
+  vitnp-numba / vitnp-blas / vitnp-auto   vitnp.load(dir, backend=...)
+  torch        transformers' ViTForImageClassification in eager mode (no torch.compile; its default attention),
+               torch.set_num_threads(threads), under torch.inference_mode()
+  ort          ONNX Runtime on the same checkpoint exported with torch.onnx (dynamo exporter, dynamic batch;
+               cached next to the checkpoint cache), graph optimisations ORT_ENABLE_ALL, `threads` intra-op threads
+  naive-numpy  benchmarks/naive_numpy.py, a picoGPT-style pure-NumPy forward (np.matmul, np.exp softmax, erf formula)
+
+Method: for each batch size every system is called once (the first-call time is recorded: for vitnp it includes
+loading the Numba cache, or compiling when the cache is cold) and warmed up, then the timed repetitions run
+round-robin (rep r calls every system once, in an order rotated by r), with a short pause between calls so one
+system's spinning thread pool does not eat into the next one's time.  Reported: median ms per call and per image,
+GFLOP/s (ViT-B/16 forward = 35.1 GFLOP/img, see common.vit_forward_flops), latency relative to ONNX Runtime and
+speed-up over PyTorch eager, the largest logit difference from PyTorch, and PASS/FAIL lines for the targets
+(vitnp <= 1.0x ONNX Runtime latency at batch 1 and 8; >= 2.3x faster than PyTorch eager).  JIT compile time is
+measured in child processes with a fresh NUMBA_CACHE_DIR (cold) and again with that cache filled (warm).
+
+OpenBLAS overrides: when OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set (they make numpy's OpenBLAS ~2x slower),
+the script re-executes itself in a child process with both removed from the environment and exits with the
+child's status; --no-reexec keeps them.  Results: benchmarks/results/e2e.json and e2e.png (e2e-quick.* with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+VITNP_SYSTEMS = ("vitnp-numba", "vitnp-blas", "vitnp-auto")
+ALL_SYSTEMS = (*VITNP_SYSTEMS, "torch", "ort", "naive-numpy")
+TARGET_ORT_RATIO = 1.0       # vitnp latency / ONNX Runtime latency, at most
+TARGET_TORCH_SPEEDUP = 2.3   # PyTorch eager latency / vitnp latency, at least
+
+
+# -- systems ---------------------------------------------------------------------------------------------------
+
+class System:
+    name = ""
+    label = ""
+
+    def setup(self, checkpoint: Path, threads: int) -> dict:
+        """Load the model; returns details to record."""
+        raise NotImplementedError
+
+    def __call__(self, pixel_values):
+        raise NotImplementedError
+
+
+class Vitnp(System):
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = f"vitnp-{backend}"
+        self.label = f"vitnp ({backend} GEMM)"
+
+    def setup(self, checkpoint, threads):
+        import vitnp
+
+        t0 = time.perf_counter()
+        self.clf = vitnp.load(checkpoint, backend=self.backend, threads=threads, progress=False)
+        return {"load_s": time.perf_counter() - t0}
+
+    def __call__(self, pixel_values):
+        return self.clf.logits(pixel_values)
+
+    def details(self) -> dict:
+        return self.clf.backend_report()
+
+
+class TorchEager(System):
+    name = "torch"
+    label = "PyTorch eager (transformers)"
+
+    def setup(self, checkpoint, threads):
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        self.model = transformers.AutoModelForImageClassification.from_pretrained(checkpoint).eval()
+        self.torch = torch
+        return {"load_s": time.perf_counter() - t0, "torch_threads": torch.get_num_threads(),
+                "attn_implementation": self.model.config._attn_implementation}
+
+    def __call__(self, pixel_values):
+        with self.torch.inference_mode():
+            return self.model(self.torch.from_numpy(pixel_values)).logits.numpy()
+
+
+class OnnxRuntime(System):
+    name = "ort"
+    label = "ONNX Runtime"
+
+    def setup(self, checkpoint, threads):
+        import onnxruntime as ort
+
+        details = export_onnx(checkpoint)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        t0 = time.perf_counter()
+        self.session = ort.InferenceSession(str(details["path"]), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        details.update(load_s=time.perf_counter() - t0, providers=self.session.get_providers(),
+                       graph_optimization_level="ORT_ENABLE_ALL", intra_op_threads=threads)
+        return details
+
+    def __call__(self, pixel_values):
+        return self.session.run(["logits"], {self.input_name: pixel_values})[0]
+
+
+class NaiveNumpy(System):
+    name = "naive-numpy"
+    label = "naive NumPy"
+
+    def setup(self, checkpoint, threads):
+        from threadpoolctl import threadpool_limits
+
+        from naive_numpy import NaiveViT
+
+        # numpy's BLAS gets the same thread count as everyone else (vitnp may have capped it already).
+        self._limit = threadpool_limits(limits=threads, user_api="blas")
+        t0 = time.perf_counter()
+        self.model = NaiveViT(checkpoint)
+        return {"load_s": time.perf_counter() - t0}
+
+    def __call__(self, pixel_values):
+        return self.model.logits(pixel_values)
+
+
+def make_system(name: str) -> System:
+    if name in VITNP_SYSTEMS:
+        return Vitnp(name.split("-", 1)[1])
+    return {"torch": TorchEager, "ort": OnnxRuntime, "naive-numpy": NaiveNumpy}[name]()
+
+
+def onnx_cache_path(checkpoint: Path) -> Path:
+    """One exported model per checkpoint file version, under the benchmark cache."""
+    import hashlib
+
+    weights = Path(checkpoint) / "model.safetensors"
+    stat = weights.stat()
+    key = hashlib.sha1(f"{weights.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return common.default_cache_dir() / "onnx" / key / "model.onnx"
+
+
+def export_onnx(checkpoint: Path) -> dict:
+    """Export the transformers model with torch.onnx (dynamo exporter, dynamic batch); reused when cached."""
+    path = onnx_cache_path(checkpoint)
+    info_path = path.with_suffix(".json")
+    if path.is_file() and info_path.is_file():
+        return {**json.loads(info_path.read_text()), "path": str(path), "cached": True}
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForImageClassification.from_pretrained(checkpoint).eval()
+    cfg = model.config
+    example = torch.zeros(2, cfg.num_channels, cfg.image_size, cfg.image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] exporting {checkpoint} to ONNX (once) -> {path}", flush=True)
+    t0 = time.perf_counter()
+    torch.onnx.export(model, (example,), str(path), input_names=["pixel_values"], output_names=["logits"],
+                      dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}}, dynamo=True)
+    info = {"exporter": "torch.onnx.export(dynamo=True)", "export_s": time.perf_counter() - t0,
+            "torch": torch.__version__, "attn_implementation": cfg._attn_implementation}
+    info_path.write_text(json.dumps(info, indent=2))
+    return {**info, "path": str(path), "cached": False}
+
+
+# -- cold / warm JIT in child processes ------------------------------------------------------------------------
+
+JIT_PROBE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+import vitnp
+t1 = time.perf_counter()
+clf = vitnp.load(sys.argv[1], backend=sys.argv[2], threads=int(sys.argv[3]), progress=False)
+t2 = time.perf_counter()
+c = clf.config
+x = np.zeros((1, c.num_channels, c.image_size, c.image_size), np.float32)
+clf.logits(x)
+t3 = time.perf_counter()
+warm = []
+for _ in range(3):
+    s = time.perf_counter(); clf.logits(x); warm.append(time.perf_counter() - s)
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_call_s": t3 - t2, "warm_call_s": min(warm)}))
+"""
+
+
+def measure_jit(checkpoint: Path, backends: list[str], threads: int) -> dict:
+    """First call with an empty Numba cache (compiles everything) vs with that cache filled, per backend."""
+    import shutil
+
+    results = {}
+    for backend in backends:
+        cache = common.fresh_numba_cache()
+        try:
+            runs = {}
+            for state in ("cold_cache", "warm_cache"):
+                proc = subprocess.run([sys.executable, "-c", JIT_PROBE, str(checkpoint), backend, str(threads)],
+                                      capture_output=True, text=True, env=_child_env({"NUMBA_CACHE_DIR": cache}))
+                if proc.returncode != 0:
+                    raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed")
+                runs[state] = json.loads(proc.stdout.strip().splitlines()[-1])
+            cold, warm = runs["cold_cache"], runs["warm_cache"]
+            results[backend] = {
+                **runs,
+                "compile_s": cold["first_call_s"] - warm["first_call_s"],
+            }
+            print(f"  JIT vitnp-{backend}: first call {cold['first_call_s']:.2f} s with an empty Numba cache, "
+                  f"{warm['first_call_s']:.2f} s with it filled, warm call {warm['warm_call_s'] * 1e3:.0f} ms "
+                  f"-> compile ~{results[backend]['compile_s']:.1f} s", flush=True)
+        except Exception as e:  # recorded, not fatal: the latency numbers stand on their own
+            results[backend] = {"error": str(e)}
+            print(f"  JIT vitnp-{backend}: failed: {e}", flush=True)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+    return results
+
+
+def _child_env(extra: dict) -> dict:
+    """Children inherit exactly this process's environment (already free of the overrides unless --no-reexec)."""
+    import os
+
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+# -- measurement -----------------------------------------------------------------------------------------------
+
+def timed_call(system: System, x) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = system(x)
+    return time.perf_counter() - t0, out
+
+
+def run(args) -> dict:
+    import numpy as np
+
+    info = common.machine_info()
+    common.print_machine(info)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else common.benchmark_checkpoint()
+    config = common.read_config(checkpoint)
+    print(f"checkpoint: {checkpoint} ({config['architectures'][0]}, {config['num_hidden_layers']} x "
+          f"{config['hidden_size']}, {config['image_size']} px, {len(config['id2label'])} labels)")
+    print(f"threads: {args.threads}; reps: {args.reps}; batch sizes: {args.batch_sizes}; warm-up calls: {args.warmup}")
+
+    systems, setup, missing = [], {}, {}
+    for name in args.systems:
+        system = make_system(name)
+        try:
+            setup[name] = system.setup(checkpoint, args.threads)
+            systems.append(system)
+            print(f"  set up {name}: load {setup[name]['load_s']:.2f} s", flush=True)
+        except Exception as e:
+            missing[name] = f"{type(e).__name__}: {e}"
+            print(f"  {name} unavailable: {missing[name]}", flush=True)
+    # BLAS pools as they are once everything is loaded (torch / ORT may bring their own).
+    info["threadpools_after_setup"] = common.blas_libraries()
+
+    rng = np.random.default_rng(0)
+    shape = (config.get("num_channels", 3), config["image_size"], config["image_size"])
+    results = []
+    for batch in args.batch_sizes:
+        x = rng.uniform(-1.0, 1.0, (batch, *shape)).astype(np.float32)
+        first, outputs = {}, {}
+        for system in systems:
+            first[system.name], outputs[system.name] = timed_call(system, x)
+            for _ in range(args.warmup - 1):
+                system(x)
+        reference = outputs.get("torch")
+        times = {s.name: [] for s in systems}
+        for rep in range(args.reps):
+            shift = rep % max(1, len(systems))
+            for system in systems[shift:] + systems[:shift]:
+                time.sleep(args.settle_ms / 1e3)
+                elapsed, _ = timed_call(system, x)
+                times[system.name].append(elapsed)
+        flops = common.vit_forward_flops(config, batch)
+        rows = {}
+        for system in systems:
+            t = times[system.name]
+            median = statistics.median(t)
+            row = {
+                "batch": batch, "system": system.name, "label": system.label, "reps": len(t),
+                "median_ms": median * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
+                "ms_per_img": median * 1e3 / batch, "img_per_s": batch / median,
+                "gflops": flops / median / 1e9, "first_call_ms": first[system.name] * 1e3,
+                "times_ms": [round(v * 1e3, 3) for v in t],
+                "max_abs_diff_vs_torch": (float(np.abs(outputs[system.name] - reference).max())
+                                          if reference is not None else None),
+            }
+            rows[system.name] = row
+        for row in rows.values():
+            ort_row, torch_row = rows.get("ort"), rows.get("torch")
+            row["latency_vs_ort"] = row["median_ms"] / ort_row["median_ms"] if ort_row else None
+            row["speedup_vs_torch"] = torch_row["median_ms"] / row["median_ms"] if torch_row else None
+            results.append(row)
+        print_batch_table(batch, flops / batch, list(rows.values()))
+
+    jit = {}
+    jit_backends = [b for b in args.cold_jit if f"vitnp-{b}" in [s.name for s in systems]]
+    if jit_backends:
+        print("JIT compile time (child processes, batch 1):", flush=True)
+        jit = measure_jit(checkpoint, jit_backends, args.threads)
+
+    details = {s.name: s.details() for s in systems if hasattr(s, "details")}
+    targets = evaluate_targets(results)
+    return {
+        "benchmark": "e2e",
+        "machine": info,
+        "settings": {"checkpoint": str(checkpoint), "architecture": config["architectures"][0],
+                     "gflop_per_img": common.vit_forward_flops(config, 1) / 1e9, "threads": args.threads,
+                     "reps": args.reps, "warmup": args.warmup, "batch_sizes": args.batch_sizes,
+                     "systems": args.systems, "settle_ms": args.settle_ms, "quick": args.quick,
+                     "command": " ".join([Path(sys.executable).name, *sys.argv])},
+        "setup": setup,
+        "missing": missing,
+        "results": results,
+        "jit": jit,
+        "vitnp_backends": details,
+        "targets": targets,
+    }
+
+
+def print_batch_table(batch: int, gflop_per_img: float, rows: list[dict]) -> None:
+    headers = ["system", "median ms", "ms/img", "img/s", "GFLOP/s", "min..max ms", "vs ORT", "vs torch",
+               "first call ms", "max|diff| vs torch"]
+    table = []
+    for r in rows:
+        table.append([
+            r["system"], f"{r['median_ms']:.1f}", f"{r['ms_per_img']:.1f}", f"{r['img_per_s']:.2f}",
+            f"{r['gflops']:.1f}", f"{r['min_ms']:.0f}..{r['max_ms']:.0f}",
+            f"{r['latency_vs_ort']:.2f}x" if r["latency_vs_ort"] else "-",
+            f"{r['speedup_vs_torch']:.2f}x faster" if r["speedup_vs_torch"] else "-",
+            f"{r['first_call_ms']:.0f}",
+            f"{r['max_abs_diff_vs_torch']:.1e}" if r["max_abs_diff_vs_torch"] is not None else "-",
+        ])
+    print(f"\nbatch {batch} ({gflop_per_img / 1e9:.2f} GFLOP/img; 'vs ORT' = latency / ORT latency, "
+          f"'vs torch' = torch latency / latency)")
+    print(common.format_table(headers, table), flush=True)
+
+
+def evaluate_targets(results: list[dict]) -> list[dict]:
+    targets = []
+    for row in results:
+        if not row["system"].startswith("vitnp-"):
+            continue
+        if row["latency_vs_ort"] is not None:
+            targets.append({"system": row["system"], "batch": row["batch"], "metric": "latency_vs_ort",
+                            "value": row["latency_vs_ort"], "target": f"<= {TARGET_ORT_RATIO}",
+                            "pass": row["latency_vs_ort"] <= TARGET_ORT_RATIO})
+        if row["speedup_vs_torch"] is not None:
+            targets.append({"system": row["system"], "batch": row["batch"], "metric": "speedup_vs_torch",
+                            "value": row["speedup_vs_torch"], "target": f">= {TARGET_TORCH_SPEEDUP}",
+                            "pass": row["speedup_vs_torch"] >= TARGET_TORCH_SPEEDUP})
+    return targets
+
+
+def print_targets(targets: list[dict]) -> None:
+    if not targets:
+        print("targets: not evaluated (needs ort and/or torch in --systems)")
+        return
+    print("\ntargets:")
+    for t in targets:
+        what = ("latency / ONNX Runtime latency" if t["metric"] == "latency_vs_ort"
+                else "speed-up over PyTorch eager")
+        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['system']:<12s} batch {t['batch']:<2d} "
+              f"{what}: {t['value']:.2f}x (target {t['target']}x)")
+
+
+def plot(data: dict, path: Path) -> None:
+    results = data["results"]
+    batches = data["settings"]["batch_sizes"]
+    systems = [s for s in data["settings"]["systems"] if any(r["system"] == s for r in results)]
+
+    def series(key):
+        return {s: [next((r[key] for r in results if r["system"] == s and r["batch"] == b), None)
+                    for b in batches] for s in systems}
+
+    m, st = data["machine"], data["settings"]
+    note = (f"{m['cpu']}, {m['usable_cpus']} CPUs (load average at start {_load(m)}), {st['threads']} threads "
+            f"per system; median of {st['reps']} interleaved reps; {Path(st['checkpoint']).name}")
+    groups = [f"batch {b}" for b in batches]
+    common.bar_chart(path, f"{st['architecture']} end-to-end logits, {st["gflop_per_img"]:.3g} GFLOP/img", [
+        {"groups": groups, "series": series("ms_per_img"), "ylabel": "ms per image (lower is better)"},
+        {"groups": groups, "series": series("gflops"), "ylabel": "GFLOP/s (higher is better)"},
+    ], note=note)
+
+
+def _load(machine: dict) -> str:
+    load = machine.get("load_average_at_start")
+    return f"{load[0]:.1f}" if load else "?"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--reps", type=int, help="timed calls per system and batch size (default 15; 3 with --quick)")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma-separated (default 1,8)")
+    p.add_argument("--systems", type=_system_list, default=list(ALL_SYSTEMS),
+                   help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="few reps, one warm-up call, writes e2e-quick.*")
+    p.add_argument("--threads", type=int, default=2, help="threads for every system (default 2)")
+    p.add_argument("--warmup", type=int, help="untimed calls per system and batch size (default 2; 1 with --quick)")
+    p.add_argument("--settle-ms", type=float, default=20.0, help="pause before each timed call (default 20)")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the cached vit-base-shaped one)")
+    p.add_argument("--cold-jit", type=_backend_list, default=None,
+                   help="vitnp backends whose cold/warm JIT time is measured in child processes "
+                        "(comma-separated, 'none' to skip; default: every vitnp backend in --systems)")
+    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR, help="where e2e.json / e2e.png go")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-reexec", action="store_true",
+                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (default: re-run without them)")
+    args = p.parse_args(argv)
+    if args.reps is None:
+        args.reps = 3 if args.quick else 15
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2
+    if args.reps < 1 or args.warmup < 1 or args.threads < 1:
+        p.error("--reps, --warmup and --threads must be >= 1")
+    if args.cold_jit is None:
+        args.cold_jit = [s.split("-", 1)[1] for s in args.systems if s in VITNP_SYSTEMS]
+    return args
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _system_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in ALL_SYSTEMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown system(s) {unknown}; choose from {','.join(ALL_SYSTEMS)}")
+    return names
+
+
+def _backend_list(text: str) -> list[str]:
+    if text.strip() == "none":
+        return []
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if f"vitnp-{n}" not in VITNP_SYSTEMS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown}; choose from numba,blas,auto or none")
+    return names
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    common.reexec_without_blas_overrides(args.no_reexec)
+    data = run(args)
+    print_targets(data["targets"])
+    if data["missing"]:
+        print("\nmissing systems:")
+        for name, err in data["missing"].items():
+            print(f"  {name}: {err}")
+    stem = "e2e-quick" if args.quick else "e2e"
+    common.write_json(args.out_dir / f"{stem}.json", data)
+    if not args.no_plot:
+        plot(data, args.out_dir / f"{stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

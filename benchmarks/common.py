@@ -1,0 +1,264 @@
+"""Shared plumbing for the end-to-end and start-up benchmarks.
+
+- `reexec_without_blas_overrides()`: run the calling script again in a child process whose environment lacks
+  OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (they pin OpenBLAS to a generic kernel and a small L2 size, which makes
+  numpy's sgemm about 2x slower than the kernel OpenBLAS would pick for this CPU).  The parent's own
+  environment is left as it is.
+- `benchmark_checkpoint()`: a full-size, random-initialised google/vit-base-patch16-224-shaped checkpoint
+  written by transformers (tests/checkpoints.py), cached on disk so reruns skip the ~10 s it takes to build.
+- `machine_info()`: CPU, cores, library versions and the BLAS library threadpoolctl sees.
+- `vit_forward_flops()`: the multiply-add count of one ViT forward pass (x2), for GFLOP/s.
+- `bar_chart()`: a PNG with matplotlib, skipped with a note when matplotlib is absent (it is the `bench` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+TESTS_DIR = REPO_DIR / "tests"
+EXAMPLE_IMAGE = REPO_DIR / "examples" / "cats.jpg"
+
+BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+# Set in the re-executed child so it records what its parent removed (and never re-executes again).
+REEXEC_MARKER = "VITNP_BENCH_REEXECUTED"
+CHECKPOINT_READY = ".vitnp-bench-complete"
+
+
+# -- environment -----------------------------------------------------------------------------------------------
+
+def clean_env(extra: dict | None = None) -> dict:
+    """This process's environment without the OpenBLAS overrides (for child processes)."""
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_OVERRIDES}
+    env.update(extra or {})
+    return env
+
+
+def reexec_without_blas_overrides(no_reexec: bool) -> None:
+    """Re-run this script in a child without the OpenBLAS overrides, then exit with the child's status.
+
+    Does nothing when --no-reexec was given, when the variables are not set, or inside the child itself.
+    """
+    present = [v for v in BLAS_OVERRIDES if v in os.environ]
+    if no_reexec or not present or os.environ.get(REEXEC_MARKER):
+        return
+    print(f"[bench] re-executing without {', '.join(present)} (use --no-reexec to keep them)", flush=True)
+    child_env = clean_env({REEXEC_MARKER: ",".join(f"{v}={os.environ[v]}" for v in present)})
+    status = subprocess.call([sys.executable, *sys.argv], env=child_env)
+    sys.exit(status)
+
+
+def blas_override_note() -> str:
+    removed = os.environ.get(REEXEC_MARKER)
+    present = [f"{v}={os.environ[v]}" for v in BLAS_OVERRIDES if v in os.environ]
+    if present:
+        return f"WARNING: {', '.join(present)} in effect: numpy's OpenBLAS runs a slower kernel"
+    if removed:
+        return f"removed for this run: {removed}"
+    return "not set"
+
+
+# -- machine ---------------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return None
+
+
+def blas_libraries() -> list[dict]:
+    """The BLAS libraries loaded in this process, as threadpoolctl reports them (call after importing numpy)."""
+    from threadpoolctl import threadpool_info
+
+    keep = ("user_api", "internal_api", "architecture", "num_threads", "version", "prefix", "filepath")
+    return [{k: d.get(k) for k in keep} for d in threadpool_info()]
+
+
+def machine_info() -> dict:
+    import numpy as np  # noqa: F401  (loads the BLAS threadpoolctl should see)
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": affinity,
+        "load_average_at_start": load,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {name: _version(name) for name in
+                     ("numpy", "numba", "vitnp", "torch", "transformers", "onnxruntime", "onnx", "onnxscript",
+                      "safetensors", "threadpoolctl")},
+        "openblas_overrides": blas_override_note(),
+        "threadpools": blas_libraries(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+def print_machine(info: dict) -> None:
+    v = {k: val for k, val in info["versions"].items() if val}
+    print(f"machine: {info['cpu']}, {info['usable_cpus']} usable CPUs, load average {info['load_average_at_start']}")
+    print("versions: python " + info["python"] + ", " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    print(f"OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE: {info['openblas_overrides']}")
+    for pool in info["threadpools"]:
+        print(f"threadpool: {pool['user_api']}/{pool['internal_api']} {pool.get('version') or ''} "
+              f"arch={pool.get('architecture')} threads={pool['num_threads']} ({Path(pool['filepath']).name})")
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("VITNP_BENCH_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vitnp-bench"
+
+
+def benchmark_checkpoint(cache_dir: Path | None = None) -> Path:
+    """A ViT-B/16 (224 px, 1000 labels) checkpoint in Hub format, built once and reused."""
+    out = (cache_dir or default_cache_dir()) / "vit-base-patch16-224-random"
+    if (out / CHECKPOINT_READY).is_file():
+        return out
+    print(f"[bench] writing a vit-base-patch16-224-shaped checkpoint to {out} (once) ...", flush=True)
+    sys.path.insert(0, str(TESTS_DIR))
+    from checkpoints import make_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    make_checkpoint(out, "vit", "base", num_labels=1000, seed=0)
+    (out / CHECKPOINT_READY).write_text("made by benchmarks/common.py\n")
+    return out
+
+
+def read_config(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / "config.json").read_text())
+
+
+# -- FLOPs -----------------------------------------------------------------------------------------------------
+
+def vit_forward_flops(config: dict, batch: int = 1) -> float:
+    """2 x multiply-adds of one forward pass: patch projection, 12 x (QKV, QK^T, AV, out-proj, MLP), head(s).
+
+    Element-wise work (LayerNorm, softmax, GELU, residual adds) is left out, as is customary; it is <1 %.
+    For ViT-B/16 at 224 px this is 35.1 GFLOP per image.
+    """
+    d = config["hidden_size"]
+    inner = config["intermediate_size"]
+    patch = config["patch_size"]
+    channels = config.get("num_channels", 3)
+    patches = (config["image_size"] // patch) ** 2
+    distilled = config.get("architectures", [""])[0].endswith("WithTeacher")
+    prefix = 2 if distilled else 1
+    tokens = patches + prefix
+    labels = len(config.get("id2label") or {}) or 2
+    heads = prefix if distilled else 1
+
+    embed = patches * (channels * patch * patch) * d
+    per_layer = (tokens * d * 3 * d            # QKV projection
+                 + 2 * tokens * tokens * d      # QK^T and AV, summed over heads
+                 + tokens * d * d               # attention output projection
+                 + 2 * tokens * d * inner)      # MLP fc1 + fc2
+    head = heads * d * labels
+    return 2.0 * batch * (embed + config["num_hidden_layers"] * per_layer + head)
+
+
+# -- output ----------------------------------------------------------------------------------------------------
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+
+
+def bar_chart(path: Path, title: str, panels: list[dict], note: str = "") -> bool:
+    """Side-by-side panels of grouped bars; returns False (with a note) when matplotlib is absent.
+
+    Each panel: {"groups": [...], "series": {name: [value or None per group]}, "ylabel": str,
+    optional "hlines": [(y, label)], optional "log": bool}.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib not installed: no chart {path.name}; pip install -e '.[bench]')")
+        return False
+    widths = [max(4.0, 1.0 + 0.5 * len(p["series"]) * len(p["groups"])) for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), 4.4), dpi=110,
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        groups, series = panel["groups"], panel["series"]
+        width = 0.8 / max(1, len(series))
+        for i, (name, values) in enumerate(series.items()):
+            xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+            bars = ax.bar(xs, [v if v is not None else 0.0 for v in values], width * 0.95, label=name,
+                          color=f"C{i}")
+            for bar, v in zip(bars, values):
+                if v is not None:
+                    ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                                va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
+        for y, label in panel.get("hlines", []):
+            ax.axhline(y, color="crimson", linestyle="--", linewidth=1)
+            ax.annotate(label, (-0.45, y), color="crimson", fontsize=7.5, va="bottom", xytext=(0, 2),
+                        textcoords="offset points")
+        if panel.get("log"):
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups)
+        ax.set_ylabel(panel["ylabel"])
+        ax.margins(y=0.15)
+        ax.legend(fontsize=7.5)
+    fig.suptitle(title, fontsize=10.5)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=6.5, color="dimgray")
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return True
+
+
+def fresh_numba_cache() -> str:
+    return tempfile.mkdtemp(prefix="vitnp-numba-cache-")
