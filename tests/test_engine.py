@@ -126,7 +126,10 @@ def test_classify_list_returns_list_of_lists(tiny_vit, examples_dir):
     photos = [examples_dir / "cats.jpg", examples_dir / "coffee.jpg"]
     both = clf.classify(photos, top_k=2)
     assert len(both) == 2 and all(len(r) == 2 for r in both)
-    assert both[1] == clf.classify(photos[1], top_k=2)
+    alone = clf.classify(photos[1], top_k=2)
+    # GEMMs of different row counts may sum in another order: equal labels, scores within float32 rounding.
+    assert [p["label"] for p in both[1]] == [p["label"] for p in alone]
+    np.testing.assert_allclose([p["score"] for p in both[1]], [p["score"] for p in alone], rtol=1e-5)
 
 
 def test_module_level_classify_caches_the_model(tiny_vit, examples_dir):
