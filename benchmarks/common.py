@@ -176,10 +176,11 @@ def vit_forward_flops(config: dict, batch: int = 1) -> float:
     channels = config.get("num_channels", 3)
     patches = (config["image_size"] // patch) ** 2
     distilled = config.get("architectures", [""])[0].endswith("WithTeacher")
-    prefix = 2 if distilled else 1
+    # DeiT always carries a distillation token in the sequence, even when only [CLS] feeds a head.
+    prefix = 2 if config.get("model_type") == "deit" else 1
     tokens = patches + prefix
     labels = len(config.get("id2label") or {}) or 2
-    heads = prefix if distilled else 1
+    heads = 2 if distilled else 1
 
     embed = patches * (channels * patch * patch) * d
     per_layer = (tokens * d * 3 * d            # QKV projection

@@ -1,0 +1,307 @@
+"""Start-up: process start to first result, weight-load time and peak RSS, vitnp CLI vs transformers' pipeline.
+
+    python benchmarks/bench_startup.py                 # 5 rounds
+    python benchmarks/bench_startup.py --quick         # 2 rounds, writes startup-quick.*
+
+Each measurement is a fresh child process classifying one image (examples/cats.jpg) with a local checkpoint
+(the cached vit-base-patch16-224-shaped one from common.benchmark_checkpoint, or --checkpoint DIR):
+
+  vitnp         `vitnp classify IMAGE --model DIR` (the installed console script).  Round 1 runs with a fresh, empty
+                NUMBA_CACHE_DIR (cold JIT: every kernel is compiled); later rounds reuse that directory (warm JIT).
+  transformers  a child script: `pipeline("image-classification", model=DIR)` then one call on the image.
+
+Per child: wall time from spawn to the first line it prints (the first result) and to exit, and its peak RSS
+(ru_maxrss from os.wait4 on that child alone).  A second child per system and round reports the phases from inside
+(import, weight load / pipeline build, first and second classification) so the weight-load time is known.
+Rounds alternate the systems.  Targets (warm JIT): vitnp time to first result <= 1.5 s and peak RSS <= 450 MB.
+
+OpenBLAS overrides: when OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set the script re-executes itself in a child
+process with both removed from the environment (so every measured process runs without them); --no-reexec keeps
+them.  Results: benchmarks/results/startup.json and startup.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SYSTEMS = ("vitnp", "transformers")
+TARGET_SECONDS = 1.5
+TARGET_RSS_MB = 450.0
+
+VITNP_PHASES = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import vitnp
+t1 = time.perf_counter()
+clf = vitnp.load(sys.argv[1], progress=False, **({"backend": sys.argv[3]} if len(sys.argv) > 3 else {}))
+t2 = time.perf_counter()
+first = clf.classify(sys.argv[2], top_k=5)
+t3 = time.perf_counter()
+clf.classify(sys.argv[2], top_k=5)
+t4 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_classify_s": t3 - t2,
+                  "second_classify_s": t4 - t3, "top1": first[0]["label"]}))
+"""
+
+TRANSFORMERS_PIPELINE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from transformers import pipeline
+t1 = time.perf_counter()
+classifier = pipeline("image-classification", model=sys.argv[1])
+t2 = time.perf_counter()
+first = classifier(sys.argv[2], top_k=5)
+t3 = time.perf_counter()
+if len(sys.argv) > 3:
+    classifier(sys.argv[2], top_k=5)
+    t4 = time.perf_counter()
+    print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_classify_s": t3 - t2,
+                      "second_classify_s": t4 - t3, "top1": first[0]["label"]}))
+else:
+    for p in first:
+        print(f"  {p['score']:8.4f}  {p['label']}", flush=True)
+"""
+
+
+def vitnp_command() -> list[str]:
+    script = Path(sys.executable).with_name("vitnp")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vitnp"]
+
+
+def run_child(cmd: list[str], env: dict) -> dict:
+    """Spawn, note the time of the first stdout line and of exit, and the child's own peak RSS."""
+    with tempfile.TemporaryFile("w+") as err:  # a file, so a chatty stderr cannot block the child
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True)
+        first_line = proc.stdout.readline()
+        t_first = time.perf_counter()
+        rest = proc.stdout.read()
+        # wait4 reports the rusage of this child alone (RUSAGE_CHILDREN would be the maximum over all children).
+        _, status, usage = os.wait4(proc.pid, 0)
+        t_exit = time.perf_counter()
+        err.seek(0)
+        stderr = err.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not first_line:
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... exited with {proc.returncode}: {tail}")
+    return {"first_result_s": t_first - t0, "exit_s": t_exit - t0, "peak_rss_mb": usage.ru_maxrss / 1024.0,
+            "stdout": first_line + rest}
+
+
+def measure_round(system: str, args, checkpoint: Path, env: dict, phases: bool = True) -> dict:
+    image = str(args.image)
+    if system == "vitnp":
+        cli = vitnp_command() + ["classify", image, "--model", str(checkpoint)]
+        phases_cmd = [sys.executable, "-c", VITNP_PHASES, str(checkpoint), image]
+        if args.backend:
+            cli += ["--backend", args.backend]
+            phases_cmd.append(args.backend)
+    else:
+        cli = [sys.executable, "-c", TRANSFORMERS_PIPELINE, str(checkpoint), image]
+        phases_cmd = cli + ["--phases"]
+    run = run_child(cli, env)
+    run["phases"] = None
+    if phases:
+        inside = run_child(phases_cmd, env)
+        run["phases"] = json.loads(inside["stdout"].strip().splitlines()[-1])
+        run["phases"]["peak_rss_mb"] = inside["peak_rss_mb"]
+    run["top1"] = run["stdout"].splitlines()[1].split(None, 1)[1].strip() if system == "vitnp" else None
+    del run["stdout"]
+    return run
+
+
+def summarise(runs: list[dict]) -> dict:
+    def med(key, sub=None):
+        values = [(r[sub] if sub else r)[key] for r in runs if not sub or r[sub]]
+        return statistics.median(values) if values else None
+
+    return {"runs": len(runs), "first_result_s": med("first_result_s"), "exit_s": med("exit_s"),
+            "peak_rss_mb": med("peak_rss_mb"), "import_s": med("import_s", "phases"),
+            "load_s": med("load_s", "phases"), "first_classify_s": med("first_classify_s", "phases"),
+            "second_classify_s": med("second_classify_s", "phases"),
+            "min_first_result_s": min(r["first_result_s"] for r in runs) if runs else None}
+
+
+def run(args) -> dict:
+    info = common.machine_info()
+    common.print_machine(info)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else common.benchmark_checkpoint()
+    print(f"checkpoint: {checkpoint}; image: {args.image}; rounds: {args.runs}; vitnp CLI: {' '.join(vitnp_command())}")
+    numba_cache = common.fresh_numba_cache()
+    # Children inherit this environment (free of the OpenBLAS overrides unless --no-reexec), offline, and share
+    # one Numba cache directory that starts empty: round 1 compiles, later rounds load the compiled kernels.
+    env = dict(os.environ, NUMBA_CACHE_DIR=numba_cache, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               TQDM_DISABLE="1")
+    runs = {s: [] for s in args.systems}
+    errors = {}
+    try:
+        for i in range(args.runs):
+            order = args.systems if i % 2 == 0 else args.systems[::-1]
+            for system in order:
+                if system in errors:
+                    continue
+                # The cold-JIT round's phases would be measured with the cache it just filled: left out.
+                cold = system == "vitnp" and i == 0
+                try:
+                    r = measure_round(system, args, checkpoint, env, phases=not cold)
+                except Exception as e:
+                    errors[system] = f"{type(e).__name__}: {e}"
+                    print(f"  {system}: failed: {errors[system]}", flush=True)
+                    continue
+                r["round"] = i + 1
+                r["jit_cache"] = ("cold" if i == 0 else "warm") if system == "vitnp" else None
+                runs[system].append(r)
+                ph = r["phases"]
+                phase_text = (f"; phases: import {ph['import_s']:.2f} s, load {ph['load_s']:.2f} s, first classify "
+                              f"{ph['first_classify_s']:.2f} s, second {ph['second_classify_s']:.3f} s" if ph
+                              else " (cold JIT cache)")
+                print(f"  round {i + 1} {system:<12s} first result {r['first_result_s']:.2f} s, exit "
+                      f"{r['exit_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB{phase_text}", flush=True)
+    finally:
+        shutil.rmtree(numba_cache, ignore_errors=True)
+
+    summary = {}
+    if "vitnp" in runs and runs["vitnp"]:
+        summary["vitnp (cold JIT)"] = summarise(runs["vitnp"][:1])
+        if len(runs["vitnp"]) > 1:
+            summary["vitnp (warm JIT)"] = summarise(runs["vitnp"][1:])
+    if runs.get("transformers"):
+        summary["transformers pipeline"] = summarise(runs["transformers"])
+    print_table(summary)
+    targets = evaluate_targets(summary)
+    return {
+        "benchmark": "startup",
+        "machine": info,
+        "settings": {"checkpoint": str(checkpoint), "image": str(args.image), "rounds": args.runs,
+                     "systems": args.systems, "vitnp_command": vitnp_command(), "backend": args.backend,
+                     "quick": args.quick, "command": " ".join([Path(sys.executable).name, *sys.argv])},
+        "summary": summary,
+        "runs": runs,
+        "missing": errors,
+        "targets": targets,
+    }
+
+
+def print_table(summary: dict) -> None:
+    headers = ["system", "runs", "first result s", "exit s", "peak RSS MB", "import s", "weight load s",
+               "first classify s", "second classify s"]
+    rows = []
+    def fmt(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for name, s in summary.items():
+        rows.append([name, s["runs"], fmt(s["first_result_s"], 2), fmt(s["exit_s"], 2), fmt(s["peak_rss_mb"], 0),
+                     fmt(s["import_s"], 2), fmt(s["load_s"], 2), fmt(s["first_classify_s"], 2),
+                     fmt(s["second_classify_s"], 3)])
+    print("\nmedians ('first result' = process spawn to first printed result; phases measured in a second "
+          "child per round)")
+    print(common.format_table(headers, rows), flush=True)
+
+
+def evaluate_targets(summary: dict) -> list[dict]:
+    s = summary.get("vitnp (warm JIT)")
+    if not s:
+        return []
+    return [
+        {"metric": "first_result_s", "value": s["first_result_s"], "target": f"<= {TARGET_SECONDS}",
+         "pass": s["first_result_s"] <= TARGET_SECONDS},
+        {"metric": "peak_rss_mb", "value": s["peak_rss_mb"], "target": f"<= {TARGET_RSS_MB:.0f}",
+         "pass": s["peak_rss_mb"] <= TARGET_RSS_MB},
+    ]
+
+
+def print_targets(targets: list[dict], summary: dict) -> None:
+    if not targets:
+        print("targets: not evaluated (needs at least 2 vitnp rounds)")
+        return
+    ref = summary.get("transformers pipeline")
+    print("\ntargets (vitnp CLI, warm JIT cache):")
+    for t in targets:
+        unit = "s" if t["metric"] == "first_result_s" else "MB"
+        what = "process start to first result" if unit == "s" else "peak RSS"
+        versus = f"; transformers pipeline {ref[t['metric']]:.{2 if unit == 's' else 0}f} {unit}" if ref else ""
+        print(f"{'PASS' if t['pass'] else 'FAIL'}  {what}: {t['value']:.{2 if unit == 's' else 0}f} {unit} "
+              f"(target {t['target']} {unit}{versus})")
+
+
+def plot(data: dict, path: Path) -> None:
+    summary = data["summary"]
+    names = list(summary)
+
+    def series(key):
+        return {n: [summary[n][key]] for n in names}
+
+    m = data["machine"]
+    load = m.get("load_average_at_start")
+    note = (f"{m['cpu']}, {m['usable_cpus']} CPUs (load average at start {load[0]:.1f}); medians of "
+            f"{data['settings']['rounds']} rounds; one image, local weights" if load else "")
+    common.bar_chart(path, "Start-up: one image, from process start (lower is better)", [
+        {"groups": ["process start to first result"], "series": series("first_result_s"), "ylabel": "seconds",
+         "hlines": [(TARGET_SECONDS, f"target {TARGET_SECONDS} s")]},
+        {"groups": ["weight load (in-process)"], "series": series("load_s"), "ylabel": "seconds"},
+        {"groups": ["peak RSS"], "series": series("peak_rss_mb"), "ylabel": "MB",
+         "hlines": [(TARGET_RSS_MB, f"target {TARGET_RSS_MB:.0f} MB")]},
+    ], note=note)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--runs", type=int, help="rounds (default 5; 2 with --quick); round 1 of vitnp is the cold-JIT one")
+    p.add_argument("--quick", action="store_true", help="2 rounds, writes startup-quick.*")
+    p.add_argument("--systems", type=_system_list, default=list(SYSTEMS),
+                   help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the cached vit-base-shaped one)")
+    p.add_argument("--image", type=Path, default=common.EXAMPLE_IMAGE)
+    p.add_argument("--backend", choices=["auto", "numba", "blas"],
+                   help="passed to `vitnp classify --backend` (default: the CLI's default)")
+    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-reexec", action="store_true",
+                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (default: re-run without them)")
+    args = p.parse_args(argv)
+    if args.runs is None:
+        args.runs = 2 if args.quick else 5
+    if args.runs < 1:
+        p.error("--runs must be >= 1")
+    return args
+
+
+def _system_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names or any(n not in SYSTEMS for n in names):
+        raise argparse.ArgumentTypeError(f"choose from {','.join(SYSTEMS)}, got {text!r}")
+    return names
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    common.reexec_without_blas_overrides(args.no_reexec)
+    data = run(args)
+    print_targets(data["targets"], data["summary"])
+    if data["missing"]:
+        print("\nfailed systems:")
+        for name, err in data["missing"].items():
+            print(f"  {name}: {err}")
+    stem = "startup-quick" if args.quick else "startup"
+    common.write_json(args.out_dir / f"{stem}.json", data)
+    if not args.no_plot:
+        plot(data, args.out_dir / f"{stem}.png")
+    return 1 if data["missing"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Smoke runs of the end-to-end and start-up benchmarks on a tiny checkpoint, and checks of their references.
+
+The benchmarks run as the user runs them (a subprocess on the script) but with --no-reexec, so the test leaves the
+machine's OpenBLAS variables alone.  Nothing here asserts on timings; it checks that every system produced
+positive numbers, that they agree with transformers, and that the naive NumPy reference and the FLOP count are
+what they claim to be (against transformers and torch's own FLOP counter).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import common  # noqa: E402
+from naive_numpy import NaiveViT  # noqa: E402
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCH / name), "--no-reexec", *args],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def transformers_logits(checkpoint: Path, pixel_values: np.ndarray, attn_implementation: str | None = None):
+    import torch
+    import transformers
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = transformers.AutoModelForImageClassification.from_pretrained(checkpoint, **kwargs).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(pixel_values)).logits.numpy()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_deit", "tiny_deit_distilled"])
+def test_naive_numpy_matches_transformers(fixture, request):
+    checkpoint = request.getfixturevalue(fixture)
+    pixel_values = np.random.default_rng(3).uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32)
+    expected = transformers_logits(checkpoint, pixel_values)
+    logits = NaiveViT(checkpoint).logits(pixel_values)
+    assert logits.dtype == np.float32
+    assert logits.shape == expected.shape
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_deit", "tiny_deit_distilled"])
+def test_flop_count_matches_torch_flop_counter(fixture, request):
+    import torch
+    import transformers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    checkpoint = request.getfixturevalue(fixture)
+    # Eager attention: its matmuls are visible to the counter (the fused CPU SDPA kernel is not counted).
+    model = transformers.AutoModelForImageClassification.from_pretrained(
+        checkpoint, attn_implementation="eager").eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(2, 3, 32, 32))
+    assert common.vit_forward_flops(common.read_config(checkpoint), batch=2) == counter.get_total_flops()
+
+
+def test_flop_count_of_vit_base_is_the_published_figure():
+    # ViT-B/16 at 224 px: 17.56 GMACs (the figure fvcore / timm publish) = 35.1 GFLOP.
+    config = {"hidden_size": 768, "intermediate_size": 3072, "patch_size": 16, "image_size": 224,
+              "num_channels": 3, "num_hidden_layers": 12, "model_type": "vit",
+              "architectures": ["ViTForImageClassification"], "id2label": {str(i): str(i) for i in range(1000)}}
+    assert common.vit_forward_flops(config) / 1e9 == pytest.approx(35.1, abs=0.1)
+
+
+def test_clean_env_drops_only_the_openblas_overrides():
+    # A copy is checked; the real environment is not modified by the code under test.
+    before = dict(os.environ)
+    env = common.clean_env({"EXTRA": "1"})
+    assert not set(common.BLAS_OVERRIDES) & set(env)
+    assert env["EXTRA"] == "1"
+    assert {k: v for k, v in before.items() if k not in common.BLAS_OVERRIDES}.items() <= env.items()
+    assert dict(os.environ) == before
+
+
+E2E_SYSTEMS = ["vitnp-numba", "vitnp-blas", "vitnp-auto", "torch", "naive-numpy"]
+
+
+def test_bench_e2e_smoke(tiny_vit, tmp_path):
+    proc = run_script("bench_e2e.py", "--checkpoint", str(tiny_vit), "--quick", "--reps", "2",
+                      "--batch-sizes", "1,2", "--systems", ",".join(E2E_SYSTEMS), "--cold-jit", "blas",
+                      "--settle-ms", "0", "--out-dir", str(tmp_path))
+    data = json.loads((tmp_path / "e2e-quick.json").read_text())
+    assert data["missing"] == {}
+    assert sorted((r["system"], r["batch"]) for r in data["results"]) == sorted(
+        (s, b) for s in E2E_SYSTEMS for b in (1, 2))
+    for row in data["results"]:
+        assert row["reps"] == 2 and len(row["times_ms"]) == 2
+        for key in ("median_ms", "ms_per_img", "gflops", "img_per_s", "first_call_ms", "speedup_vs_torch"):
+            assert row[key] > 0, (row["system"], key)
+        assert row["latency_vs_ort"] is None  # ORT was not asked for
+        # Every system computed the same logits as transformers, so the timings are of real forward passes.
+        assert row["max_abs_diff_vs_torch"] < 1e-4, row["system"]
+    jit = data["jit"]["blas"]
+    assert jit["cold_cache"]["first_call_s"] > 0 and jit["warm_cache"]["warm_call_s"] > 0
+    # Targets are reported for every vitnp backend and batch against torch (ORT absent).
+    assert sorted((t["system"], t["batch"]) for t in data["targets"]) == sorted(
+        (s, b) for s in E2E_SYSTEMS if s.startswith("vitnp") for b in (1, 2))
+    assert all(isinstance(t["pass"], bool) for t in data["targets"])
+    assert data["machine"]["threadpools"], "threadpoolctl saw no BLAS"
+    assert "speed-up over PyTorch eager" in proc.stdout
+    assert (tmp_path / "e2e-quick.png").is_file() == HAVE_MATPLOTLIB
+
+
+def test_bench_startup_smoke(tiny_vit, tmp_path):
+    proc = run_script("bench_startup.py", "--checkpoint", str(tiny_vit), "--runs", "2", "--backend", "blas",
+                      "--out-dir", str(tmp_path))
+    data = json.loads((tmp_path / "startup.json").read_text())
+    assert data["missing"] == {}
+    assert set(data["summary"]) == {"vitnp (cold JIT)", "vitnp (warm JIT)", "transformers pipeline"}
+    for name, s in data["summary"].items():
+        assert s["first_result_s"] > 0 and s["exit_s"] >= s["first_result_s"], name
+        assert s["peak_rss_mb"] > 50, name  # a Python process with numpy loaded is never smaller
+    for name in ("vitnp (warm JIT)", "transformers pipeline"):
+        assert data["summary"][name]["load_s"] >= 0 and data["summary"][name]["import_s"] > 0
+    # Both printed a real prediction for the image: a label of the tiny model.
+    labels = set(common.read_config(tiny_vit)["id2label"].values())
+    assert all(r["top1"] in labels for r in data["runs"]["vitnp"])
+    assert all(r["phases"]["top1"] in labels for r in data["runs"]["transformers"])
+    assert [t["metric"] for t in data["targets"]] == ["first_result_s", "peak_rss_mb"]
+    assert "peak RSS" in proc.stdout
+    assert (tmp_path / "startup.png").is_file() == HAVE_MATPLOTLIB
