@@ -1,12 +1,26 @@
 """Numba single-precision GEMM with fused epilogues: out (=|+=) epilogue(x @ w_t + bias).
 
-x (M, K) and out (M, N) are float32 C-contiguous; w_t is the (K, N) float32 weight (transposed nn.Linear
-weight).  Epilogue codes: EPILOGUE_NONE (out = xw + b), EPILOGUE_GELU (out = gelu(xw + b)),
-EPILOGUE_ADD (out += xw + b).
-"""
-import numpy as np
-from numba import njit, prange
+x (M, K) and out (M, N) are float32 C-contiguous; w_t is the (K, N) float32 weight (the transposed
+nn.Linear weight, shared with the BLAS backend).  Epilogues: "none" (out = xw + b), "gelu"
+(out = gelu(xw + b)), "add" (out += xw + b).
 
+Structure (one parallel region per call, one task per worker, BLIS-like inside a task):
+  * The output is cut into a grid of worker tasks, along N when M < N (duplicating the cheap A packing)
+    and along M otherwise (duplicating the B reads).
+  * A task walks K in KC slabs.  Per slab it packs its rows of x into MR-row panels ([panel][k][MR],
+    worker-private, reused for all its columns); then per NCS-column block it either packs the
+    KC x NCS block of w_t into NR-column panels (L2-resident; worth it when many rows reuse it) or lets
+    the micro-kernel read w_t rows in place (few rows: packing would cost more than it saves).
+  * For each MR-row panel (its A sliver stays in L1) and each NR-column panel, the LLVM micro-kernel
+    accumulates an MR x NR tile in 24 zmm registers and adds it into `out`; after the last slab the
+    epilogue (bias, GELU) is applied to that tile while it is still in L1.
+"""
+import threading
+
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from ._microkernel import make_microkernel
 from .elementwise import gelu64
 
 EPILOGUE_NONE = 0
@@ -14,43 +28,169 @@ EPILOGUE_GELU = 1
 EPILOGUE_ADD = 2
 EPILOGUES = {"none": EPILOGUE_NONE, "gelu": EPILOGUE_GELU, "add": EPILOGUE_ADD}
 
+MR = 12      # micro-tile rows: 12 x 32 accumulators = 24 of the 32 zmm registers
+NR = 32      # micro-tile columns: two zmm vectors
+KC = 256     # K slab: an A sliver (MR x KC) is 12 KiB, an NR panel of B 32 KiB
+NCS = 768    # columns per B block: fewer, wider blocks mean fewer passes over the packed A slab
+MC_MAX = 2048          # rows of A packed per slab at most (bounds the per-worker A buffer)
+PACK_B_MIN_ROWS = 384  # below this many rows per task, read w_t in place instead of packing
 
-@njit(cache=True, fastmath=True, parallel=True)
-def gemm_simple(x, w_t, bias, has_bias, out, epilogue):
-    rows, depth = x.shape
-    cols = w_t.shape[1]
-    for i in prange(rows):
-        acc = np.zeros(cols, np.float32)
-        for k in range(depth):
-            a = x[i, k]
+_micro = make_microkernel(MR, NR)
+
+
+@njit(cache=True)
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@njit(cache=True)
+def _row_block(rows):
+    """Rows of A packed per slab: at most MC_MAX, split evenly, whole micro-panels."""
+    blocks = _cdiv(rows, MC_MAX)
+    return _cdiv(_cdiv(rows, blocks), MR) * MR
+
+
+@njit(cache=True, fastmath=True)
+def _pack_a(x_flat, depth, r0, rows, k0, kc, a_buf):
+    """a_buf[panel][p][i] = x[r0 + panel*MR + i, k0 + p], zero rows past `rows`."""
+    for panel in range(_cdiv(rows, MR)):
+        base = panel * kc * MR
+        row = r0 + panel * MR
+        valid = min(MR, r0 + rows - row)
+        if valid == MR:
+            src = row * depth + k0
+            for p in range(kc):
+                for i in range(MR):
+                    a_buf[base + p * MR + i] = x_flat[src + i * depth + p]
+        else:
+            for i in range(valid):
+                src = (row + i) * depth + k0
+                for p in range(kc):
+                    a_buf[base + p * MR + i] = x_flat[src + p]
+            for i in range(valid, MR):
+                for p in range(kc):
+                    a_buf[base + p * MR + i] = 0.0
+
+
+@njit(cache=True, fastmath=True)
+def _pack_b(w_flat, cols_total, k0, kc, col0, cols, b_buf):
+    """b_buf[panel][p][j] = w_t[k0 + p, col0 + panel*NR + j], zero columns past `cols`.
+
+    Walks w_t row by row (contiguous reads) and scatters NR-wide runs to the panels.
+    """
+    full_panels = cols // NR
+    tail = cols - full_panels * NR
+    for p in range(kc):
+        src = (k0 + p) * cols_total + col0
+        for panel in range(full_panels):
+            dst = panel * kc * NR + p * NR
+            s = src + panel * NR
+            for j in range(NR):
+                b_buf[dst + j] = w_flat[s + j]
+        if tail:
+            dst = full_panels * kc * NR + p * NR
+            s = src + full_panels * NR
+            for j in range(tail):
+                b_buf[dst + j] = w_flat[s + j]
+            for j in range(tail, NR):
+                b_buf[dst + j] = 0.0
+
+
+@njit(cache=True, fastmath=True)
+def _finish_tile(out_flat, ldc, row, rows, col, cols, bias, has_bias, epilogue):
+    """Bias and GELU on one output tile right after its last K slab (still in L1)."""
+    for i in range(rows):
+        start = (row + i) * ldc + col
+        if epilogue == EPILOGUE_GELU:
+            if has_bias:
+                for j in range(cols):
+                    out_flat[start + j] = np.float32(gelu64(np.float64(out_flat[start + j] + bias[col + j])))
+            else:
+                for j in range(cols):
+                    out_flat[start + j] = np.float32(gelu64(np.float64(out_flat[start + j])))
+        elif has_bias:
             for j in range(cols):
-                acc[j] += a * w_t[k, j]
-        finish_row(acc, bias, has_bias, out[i], epilogue)
+                out_flat[start + j] += bias[col + j]
 
 
-@njit(cache=True, fastmath=True, inline="always")
-def finish_row(acc, bias, has_bias, out_row, epilogue):
-    """Apply bias and epilogue to one accumulated row segment and store it."""
-    n = acc.shape[0]
-    if has_bias:
-        for j in range(n):
-            acc[j] += bias[j]
-    if epilogue == EPILOGUE_GELU:
-        for j in range(n):
-            out_row[j] = np.float32(gelu64(np.float64(acc[j])))
-    elif epilogue == EPILOGUE_ADD:
-        for j in range(n):
-            out_row[j] += acc[j]
-    else:
-        for j in range(n):
-            out_row[j] = acc[j]
+@njit(cache=True, fastmath=True)
+def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_total, epilogue,
+              r0, r1, c0, c1, a_buf, b_buf, tile, pack_b):
+    row_block = _row_block(r1 - r0)
+    for m0 in range(r0, r1, row_block):
+        m1 = min(m0 + row_block, r1)
+        row_panels = _cdiv(m1 - m0, MR)
+        for k0 in range(0, depth, KC):
+            kc = min(KC, depth - k0)
+            accumulate = k0 > 0 or epilogue == EPILOGUE_ADD
+            last = k0 + kc >= depth
+            _pack_a(x_flat, depth, m0, m1 - m0, k0, kc, a_buf)
+            for s0 in range(c0, c1, NCS):
+                s1 = min(s0 + NCS, c1)
+                col_panels = _cdiv(s1 - s0, NR)
+                full_col_panels = (s1 - s0) // NR
+                if pack_b:
+                    _pack_b(w_flat, cols_total, k0, kc, s0, s1 - s0, b_buf)
+                elif full_col_panels < col_panels:
+                    # Only the ragged last panel is packed (reading it in place would run off the row).
+                    _pack_b(w_flat, cols_total, k0, kc, s0 + full_col_panels * NR,
+                            s1 - s0 - full_col_panels * NR, b_buf)
+                for rp in range(row_panels):
+                    row = m0 + rp * MR
+                    rows = min(MR, m1 - row)
+                    a_off = rp * kc * MR
+                    for jp in range(col_panels):
+                        col = s0 + jp * NR
+                        cols = min(NR, s1 - col)
+                        if pack_b:
+                            b, b_off, ldb = b_buf, jp * kc * NR, NR
+                        elif cols == NR:
+                            b, b_off, ldb = w_flat, k0 * cols_total + col, cols_total
+                        else:
+                            b, b_off, ldb = b_buf, 0, NR
+                        if rows == MR and cols == NR:
+                            _micro(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, row * cols_total + col,
+                                   cols_total, kc, accumulate)
+                        else:
+                            _micro(a_buf, a_off, 1, MR, b, b_off, ldb, tile, 0, NR, kc, False)
+                            for i in range(rows):
+                                start = (row + i) * cols_total + col
+                                if accumulate:
+                                    for j in range(cols):
+                                        out_flat[start + j] += tile[i * NR + j]
+                                else:
+                                    for j in range(cols):
+                                        out_flat[start + j] = tile[i * NR + j]
+                        if last and (has_bias or epilogue == EPILOGUE_GELU):
+                            _finish_tile(out_flat, cols_total, row, rows, col, cols, bias, has_bias, epilogue)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def apply_epilogue_inplace(out, bias, has_bias, epilogue):
-    """For the BLAS path: out already holds x @ w_t; add bias and apply GELU in one pass."""
-    rows, cols = out.shape
-    for i in prange(rows):
+def _gemm_tasks(x, w_t, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, b_bufs, tiles):
+    rows, depth = x.shape
+    cols = out.shape[1]
+    x_flat = x.reshape(-1)
+    w_flat = w_t.reshape(-1)
+    out_flat = out.reshape(-1)
+    col_tasks = _cdiv(cols, col_split)
+    tasks = _cdiv(rows, row_split) * col_tasks
+    workers = a_bufs.shape[0]
+    for w in prange(workers):
+        for task in range(w, tasks, workers):
+            rt = task // col_tasks
+            ct = task - rt * col_tasks
+            r0 = rt * row_split
+            c0 = ct * col_split
+            r1 = min(r0 + row_split, rows)
+            _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows, depth, cols, epilogue,
+                      r0, r1, c0, min(c0 + col_split, cols), a_bufs[w], b_bufs[w], tiles[w],
+                      r1 - r0 >= PACK_B_MIN_ROWS)
+
+
+@njit(cache=True, fastmath=True)
+def _epilogue_rows(out, r0, r1, bias, has_bias, epilogue):
+    cols = out.shape[1]
+    for i in range(r0, r1):
         if epilogue == EPILOGUE_GELU:
             if has_bias:
                 for j in range(cols):
@@ -61,6 +201,14 @@ def apply_epilogue_inplace(out, bias, has_bias, epilogue):
         elif has_bias:
             for j in range(cols):
                 out[i, j] += bias[j]
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def apply_epilogue_inplace(out, bias, has_bias, epilogue):
+    """For the BLAS path: out already holds x @ w_t; add bias and apply GELU in one pass."""
+    rows = out.shape[0]
+    for i in prange(rows):
+        _epilogue_rows(out, i, i + 1, bias, has_bias, epilogue)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
@@ -76,10 +224,49 @@ def add_product_inplace(out, product, bias, has_bias):
                 out[i, j] += product[i, j]
 
 
+NO_BIAS = np.zeros(1, np.float32)
+_local = threading.local()
+
+
+def _round_up(a, b):
+    return -(-a // b) * b
+
+
+def plan(rows, cols, workers):
+    """(row_split, col_split): one task per worker, cutting the dimension whose duplicate packing is cheaper.
+
+    Cutting N makes every worker pack all rows of A (rows*K extra); cutting M makes every worker read all
+    of B (K*cols extra).  Each part is rounded to whole micro-tiles.
+    """
+    if workers <= 1:
+        return rows, cols
+    if rows < cols or rows < 2 * MR * workers:
+        return rows, max(NR, _round_up(-(-cols // workers), NR))
+    return _round_up(-(-rows // workers), MR), cols
+
+
+def _buffers(workers, a_size, b_size):
+    """Grow-only scratch for the calling Python thread: per-worker packed A, packed B, edge tile."""
+    bufs = getattr(_local, "gemm", None)
+    if bufs is None or bufs[0].shape[0] != workers or bufs[0].shape[1] < a_size or bufs[1].shape[1] < b_size:
+        if bufs is not None and bufs[0].shape[0] == workers:
+            a_size = max(a_size, bufs[0].shape[1])
+            b_size = max(b_size, bufs[1].shape[1])
+        bufs = (np.empty((workers, a_size), np.float32), np.empty((workers, b_size), np.float32),
+                np.empty((workers, MR * NR), np.float32))
+        _local.gemm = bufs
+    return bufs
+
+
 def gemm(x, w_t, bias, out, epilogue):
-    """Numba GEMM entry point (bias may be None)."""
+    """out (=|+=) epilogue(x @ w_t + bias) with the packed, register-tiled Numba kernel (bias may be None)."""
+    rows, depth = x.shape
+    cols = w_t.shape[1]
+    workers = get_num_threads()
+    row_split, col_split = plan(rows, cols, workers)
+    a_size = _row_block(row_split) * min(KC, depth)
+    b_size = min(KC, depth) * _round_up(min(NCS, col_split), NR)
+    a_bufs, b_bufs, tiles = _buffers(workers, a_size, b_size)
     has_bias = bias is not None
-    gemm_simple(x, w_t, bias if has_bias else _NO_BIAS, has_bias, out, EPILOGUES[epilogue])
-
-
-_NO_BIAS = np.zeros(1, np.float32)
+    _gemm_tasks(x, w_t, bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
+                row_split, col_split, a_bufs, b_bufs, tiles)

@@ -97,7 +97,7 @@ class Linear:
 
     def _run_blas(self, x, out, epilogue):
         has_bias = self.bias is not None
-        bias = self.bias if has_bias else _gemm._NO_BIAS
+        bias = self.bias if has_bias else _gemm.NO_BIAS
         if epilogue == "add":
             product = _blas_scratch(out.shape)
             np.matmul(x, self.weight_t, out=product)
