@@ -37,8 +37,16 @@ _INV_SQRT2 = 0.7071067811865476
 
 @njit(cache=True, fastmath=True, inline="always")
 def erf64(x):
-    """Branch-free erf approximation of a float64 (max abs error ~1.1e-8)."""
-    t = min(max(x, -_ERF_CLAMP), _ERF_CLAMP)
+    """Branch-free erf approximation of a float64 (max abs error ~1.1e-8).
+
+    Exactly +-1 from |x| >= 4 on, so GELU's negative tail x*(1+erf) is exactly -0 there, as in float32
+    torch, instead of |x| times the polynomial's residual.
+    """
+    if x >= _ERF_CLAMP:
+        return 1.0
+    if x <= -_ERF_CLAMP:
+        return -1.0
+    t = x
     z = t * t
     p = _ERF_C16
     p = p * z + _ERF_C15
@@ -176,19 +184,20 @@ def gelu_erf(x):
 @njit(cache=True, fastmath=True, parallel=True)
 def _layernorm_rows(x, gamma, beta, eps, out):
     rows, width = x.shape
-    inv_width = np.float32(1.0) / np.float32(width)
     for r in prange(rows):
-        total = np.float32(0.0)
+        # Sums in float64: with a large common offset (|mean| >> std) a float32 mean is off by more
+        # than the spread it is subtracted from.
+        total = 0.0
         for j in range(width):
             total += x[r, j]
-        mean = total * inv_width
-        sq = np.float32(0.0)
+        mean = total / width
+        sq = 0.0
         for j in range(width):
             d = x[r, j] - mean
             sq += d * d
-        inv_std = np.float32(1.0) / np.sqrt(sq * inv_width + eps)
+        inv_std = 1.0 / np.sqrt(sq / width + eps)
         for j in range(width):
-            out[r, j] = (x[r, j] - mean) * inv_std * gamma[j] + beta[j]
+            out[r, j] = np.float32((x[r, j] - mean) * inv_std) * gamma[j] + beta[j]
 
 
 def layernorm(x, gamma, beta, eps, out):
@@ -197,7 +206,7 @@ def layernorm(x, gamma, beta, eps, out):
     check_f32_contiguous(out, "out")
     if x.ndim != 2 or out.shape != x.shape or gamma.shape != (x.shape[1],) or beta.shape != (x.shape[1],):
         raise ValueError(f"layernorm: shapes x{x.shape} out{out.shape} gamma{gamma.shape} beta{beta.shape}")
-    _layernorm_rows(x, np.asarray(gamma, np.float32), np.asarray(beta, np.float32), np.float32(eps), out)
+    _layernorm_rows(x, np.asarray(gamma, np.float32), np.asarray(beta, np.float32), float(eps), out)
     return out
 
 
