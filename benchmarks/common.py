@@ -96,6 +96,29 @@ def blas_libraries() -> list[dict]:
     return [{k: d.get(k) for k in keep} for d in threadpool_info()]
 
 
+def vitnp_source() -> dict:
+    """Where the vitnp being measured comes from, and the git commit (plus local edits) of that tree."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vitnp")
+    package = Path(spec.origin).parent if spec and spec.origin else None
+    info = {"package": str(package) if package else None}
+    if package is None:
+        return info
+    tree = package.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--", "vitnp", "kernels"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            info["commit"] = commit.stdout.strip()
+            info["uncommitted_changes"] = bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
 def machine_info() -> dict:
     import numpy as np  # noqa: F401  (loads the BLAS threadpoolctl should see)
 
@@ -117,6 +140,7 @@ def machine_info() -> dict:
         "versions": {name: _version(name) for name in
                      ("numpy", "numba", "vitnp", "torch", "transformers", "onnxruntime", "onnx", "onnxscript",
                       "safetensors", "threadpoolctl")},
+        "vitnp_source": vitnp_source(),
         "openblas_overrides": blas_override_note(),
         "threadpools": blas_libraries(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -127,6 +151,12 @@ def print_machine(info: dict) -> None:
     v = {k: val for k, val in info["versions"].items() if val}
     print(f"machine: {info['cpu']}, {info['usable_cpus']} usable CPUs, load average {info['load_average_at_start']}")
     print("versions: python " + info["python"] + ", " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    src = info["vitnp_source"]
+    if "commit" in src:
+        print(f"vitnp: {src['package']} at commit {src['commit']}"
+              f"{' + uncommitted changes in vitnp/ or kernels/' if src['uncommitted_changes'] else ''}")
+    else:
+        print(f"vitnp: {src['package']}")
     print(f"OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE: {info['openblas_overrides']}")
     for pool in info["threadpools"]:
         print(f"threadpool: {pool['user_api']}/{pool['internal_api']} {pool.get('version') or ''} "
