@@ -3,7 +3,7 @@
 Nothing here knows about Vision Transformers.  Every Numba function compiles lazily on first call
 (and is cached on disk), so importing this package is cheap.
 """
-from .attention import attention
+from .mha import attention
 from .elementwise import erf, erf_max_error, exp, gelu_erf, layernorm, softmax_rows
 from .linear import Linear
 from .threads import get_num_threads, set_num_threads

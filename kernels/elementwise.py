@@ -8,7 +8,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._intrinsics import exp2_int_float32
+from ._intrinsics import exp2_int_float32, maxnum_float32
 
 # erf(x) ~= x * P(x^2) on [-4, 4] (odd Chebyshev fit of degree 33, monomial form); |erf(x)| rounds to 1.0f
 # beyond 4 (erfc(4) = 1.5e-8).  Evaluated in float64 so the approximation, not the arithmetic, bounds
@@ -158,6 +158,15 @@ def _erf64_array(x):
 
 _PARALLEL_CHUNK = 16384  # elements per parallel task: small enough to split a (197, 3072) activation
 
+# Numba does not vectorise a loop written directly inside a prange body (the parfor lowering hides the
+# trip count), so every parallel kernel below hands each task's slice to a serial helper.
+
+
+@njit(cache=True, fastmath=True)
+def gelu_inplace_serial(x):
+    for i in range(x.size):
+        x[i] = np.float32(gelu64(np.float64(x[i])))
+
 
 @njit(cache=True, fastmath=True, parallel=True)
 def _gelu_flat(x):
@@ -165,9 +174,7 @@ def _gelu_flat(x):
     chunks = (n + _PARALLEL_CHUNK - 1) // _PARALLEL_CHUNK
     for c in prange(chunks):
         start = c * _PARALLEL_CHUNK
-        stop = min(start + _PARALLEL_CHUNK, n)
-        for i in range(start, stop):
-            x[i] = np.float32(gelu64(np.float64(x[i])))
+        gelu_inplace_serial(x[start:min(start + _PARALLEL_CHUNK, n)])
 
 
 def gelu_erf(x):
@@ -181,23 +188,28 @@ def gelu_erf(x):
 # LayerNorm
 
 
+@njit(cache=True, fastmath=True)
+def layernorm_row(x, gamma, beta, eps, out):
+    width = x.size
+    # Sums in float64: with a large common offset (|mean| >> std) a float32 mean is off by more than
+    # the spread it is subtracted from.
+    total = 0.0
+    for j in range(width):
+        total += x[j]
+    mean = total / width
+    sq = 0.0
+    for j in range(width):
+        d = x[j] - mean
+        sq += d * d
+    inv_std = 1.0 / np.sqrt(sq / width + eps)
+    for j in range(width):
+        out[j] = np.float32((x[j] - mean) * inv_std) * gamma[j] + beta[j]
+
+
 @njit(cache=True, fastmath=True, parallel=True)
 def _layernorm_rows(x, gamma, beta, eps, out):
-    rows, width = x.shape
-    for r in prange(rows):
-        # Sums in float64: with a large common offset (|mean| >> std) a float32 mean is off by more
-        # than the spread it is subtracted from.
-        total = 0.0
-        for j in range(width):
-            total += x[r, j]
-        mean = total / width
-        sq = 0.0
-        for j in range(width):
-            d = x[r, j] - mean
-            sq += d * d
-        inv_std = 1.0 / np.sqrt(sq / width + eps)
-        for j in range(width):
-            out[r, j] = np.float32((x[r, j] - mean) * inv_std) * gamma[j] + beta[j]
+    for r in prange(x.shape[0]):
+        layernorm_row(x[r], gamma, beta, eps, out[r])
 
 
 def layernorm(x, gamma, beta, eps, out):
@@ -214,21 +226,27 @@ def layernorm(x, gamma, beta, eps, out):
 # Softmax
 
 
+@njit(cache=True, fastmath=True)
+def softmax_row(x, out):
+    """out = softmax(x) for one row (out may be x); returns nothing."""
+    width = x.size
+    top = x[0]
+    for j in range(1, width):
+        top = maxnum_float32(top, x[j])
+    total = np.float32(0.0)
+    for j in range(width):
+        e = exp32(x[j] - top)
+        out[j] = e
+        total += e
+    inv_total = np.float32(1.0) / total
+    for j in range(width):
+        out[j] *= inv_total
+
+
 @njit(cache=True, fastmath=True, parallel=True)
 def _softmax_rows(x, out):
-    rows, width = x.shape
-    for r in prange(rows):
-        top = x[r, 0]
-        for j in range(1, width):
-            top = max(top, x[r, j])
-        total = np.float32(0.0)
-        for j in range(width):
-            e = exp32(x[r, j] - top)
-            out[r, j] = e
-            total += e
-        inv_total = np.float32(1.0) / total
-        for j in range(width):
-            out[r, j] *= inv_total
+    for r in prange(x.shape[0]):
+        softmax_row(x[r], out[r])
 
 
 def softmax_rows(x, out):

@@ -1,0 +1,184 @@
+"""Multi-head scaled dot-product attention over a fused QKV activation, one (batch, head) per task.
+
+Per head, queries are processed in blocks of QB = 32 (one micro-tile width), with scores kept
+*transposed* (keys x queries) so that the softmax over keys is element-wise across 32-wide vectors:
+  S^T = K Q_blk^T        GEMM micro-kernel, A = pre-scaled K in MR-key panels, B = packed Q_blk^T
+  softmax down each column of S^T (max, exp, sum, scale: all vectorised over the 32 queries)
+  O_blk = P V            micro-kernel reading P straight from S^T (A element (i, j) = S^T[j, i]) and
+                         V in place from qkv, writing straight into `out`
+The only scratch is per worker: K panels (T x hd), one (T x 32) score block and a Q^T block; the
+(B, H, T, T) score tensor never exists.
+"""
+import math
+import threading
+
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from ._intrinsics import maxnum_float32
+from ._microkernel import make_microkernel
+from .elementwise import check_f32_contiguous, exp32
+
+MR = 12   # keys per micro-tile of S^T
+QB = 32   # queries per block = micro-tile width
+OR = 8    # queries per micro-tile of O (QB = 4 * OR)
+_micro_scores = make_microkernel(MR, QB)
+_micro_out = make_microkernel(OR, QB)
+
+
+@njit(cache=True)
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+@njit(cache=True, fastmath=True)
+def _pack_keys(qkv_flat, row0, ld, col0, seq, head_dim, scale, k_panels):
+    """k_panels[panel][d][i] = K[panel*MR + i, d] * scale, zero keys past seq."""
+    for panel in range(_cdiv(seq, MR)):
+        base = panel * head_dim * MR
+        for i in range(MR):
+            j = panel * MR + i
+            if j < seq:
+                src = row0 + j * ld + col0
+                for d in range(head_dim):
+                    k_panels[base + d * MR + i] = qkv_flat[src + d] * scale
+            else:
+                for d in range(head_dim):
+                    k_panels[base + d * MR + i] = 0.0
+
+
+@njit(cache=True, fastmath=True)
+def _pack_queries_transposed(qkv_flat, start, ld, queries, head_dim, q_t):
+    """q_t[d][i] = Q[i, d] for i < queries (zero columns up to QB)."""
+    for i in range(queries):
+        src = start + i * ld
+        for d in range(head_dim):
+            q_t[d * QB + i] = qkv_flat[src + d]
+    for d in range(head_dim):
+        for i in range(queries, QB):
+            q_t[d * QB + i] = 0.0
+
+
+@njit(cache=True, fastmath=True)
+def _softmax_columns(scores_t, seq, col_max, col_sum):
+    """In place: each column of scores_t[:seq, :QB] becomes its softmax over the seq keys."""
+    for i in range(QB):
+        col_max[i] = scores_t[i]
+        col_sum[i] = 0.0
+    for j in range(1, seq):
+        for i in range(QB):
+            col_max[i] = maxnum_float32(col_max[i], scores_t[j * QB + i])
+    for j in range(seq):
+        for i in range(QB):
+            e = exp32(scores_t[j * QB + i] - col_max[i])
+            scores_t[j * QB + i] = e
+            col_sum[i] += e
+    for i in range(QB):
+        col_sum[i] = np.float32(1.0) / col_sum[i]
+    for j in range(seq):
+        for i in range(QB):
+            scores_t[j * QB + i] *= col_sum[i]
+
+
+@njit(cache=True, fastmath=True)
+def _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels, scores_t, q_t, v_pad,
+                     tile, col_max, col_sum):
+    ld = 3 * width
+    batch_row0 = b * seq * ld
+    head_col = h * head_dim
+    key_panels = _cdiv(seq, MR)
+    _pack_keys(qkv_flat, batch_row0, ld, width + head_col, seq, head_dim,
+               np.float32(1.0 / math.sqrt(head_dim)), k_panels)
+    # V is read in place when a head is whole 32-column panels (ViT: hd = 64); otherwise padded.
+    v_direct = head_dim % QB == 0
+    hd_pad = _cdiv(head_dim, QB) * QB
+    if v_direct:
+        v_src, v_off, v_ld = qkv_flat, batch_row0 + 2 * width + head_col, ld
+    else:
+        for j in range(seq):
+            src = batch_row0 + j * ld + 2 * width + head_col
+            for d in range(head_dim):
+                v_pad[j * hd_pad + d] = qkv_flat[src + d]
+            for d in range(head_dim, hd_pad):
+                v_pad[j * hd_pad + d] = 0.0
+        v_src, v_off, v_ld = v_pad, 0, hd_pad
+    out_row0 = b * seq * width
+    for q0 in range(0, seq, QB):
+        queries = min(QB, seq - q0)
+        _pack_queries_transposed(qkv_flat, batch_row0 + q0 * ld + head_col, ld, queries, head_dim, q_t)
+        for kp in range(key_panels):
+            _micro_scores(k_panels, kp * head_dim * MR, 1, MR, q_t, 0, QB, scores_t, kp * MR * QB, QB,
+                          head_dim, False)
+        _softmax_columns(scores_t, seq, col_max, col_sum)
+        for r0 in range(0, queries, OR):
+            rows = min(OR, queries - r0)
+            for dp in range(hd_pad // QB):
+                out_off = out_row0 + (q0 + r0) * width + head_col + dp * QB
+                cols = min(QB, head_dim - dp * QB)
+                if rows == OR and cols == QB:
+                    _micro_out(scores_t, r0, 1, QB, v_src, v_off + dp * QB, v_ld, out_flat, out_off, width,
+                               seq, False)
+                else:
+                    _micro_out(scores_t, r0, 1, QB, v_src, v_off + dp * QB, v_ld, tile, 0, QB, seq, False)
+                    for i in range(rows):
+                        for d in range(cols):
+                            out_flat[out_off + i * width + d] = tile[i * QB + d]
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _attention(qkv, out, num_heads, k_panels, scores_t, q_t, v_pad, tile, col_stats):
+    batch, seq, width3 = qkv.shape
+    width = width3 // 3
+    head_dim = width // num_heads
+    qkv_flat = qkv.reshape(-1)
+    out_flat = out.reshape(-1)
+    tasks = batch * num_heads
+    workers = k_panels.shape[0]
+    # Static round-robin over workers so each owns one scratch slot (no allocation per task).
+    for w in prange(workers):
+        for task in range(w, tasks, workers):
+            b = task // num_heads
+            h = task - b * num_heads
+            _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels[w], scores_t[w],
+                             q_t[w], v_pad[w], tile[w], col_stats[w, 0], col_stats[w, 1])
+
+
+def attention(qkv, out, num_heads):
+    """out (B,T,D) = concat_h softmax(q_h k_h^T / sqrt(hd)) v_h for qkv (B,T,3D) = [q | k | v]."""
+    check_f32_contiguous(qkv, "qkv")
+    check_f32_contiguous(out, "out")
+    if qkv.ndim != 3 or qkv.shape[2] % 3:
+        raise ValueError(f"attention: qkv must be (B, T, 3*D), got {qkv.shape}")
+    batch, seq, width3 = qkv.shape
+    width = width3 // 3
+    if num_heads < 1 or width % num_heads:
+        raise ValueError(f"attention: width {width} not divisible by num_heads {num_heads}")
+    if out.shape != (batch, seq, width):
+        raise ValueError(f"attention: out must be {(batch, seq, width)}, got {out.shape}")
+    if seq == 0 or batch == 0:
+        return out
+    head_dim = width // num_heads
+    workers = max(1, min(get_num_threads(), batch * num_heads))
+    _attention(qkv, out, num_heads, *_scratch(workers, head_dim, seq))
+    return out
+
+
+_local = threading.local()  # scratch per calling Python thread, so concurrent callers never share it
+
+
+def _scratch(workers, head_dim, seq):
+    """Per-worker scratch: K panels, one transposed score block, Q^T block, padded V, edge tile, stats."""
+    key = (workers, head_dim, seq)
+    cached = getattr(_local, "attention_scratch", None)
+    if cached is None or cached[0] != key:
+        keys_pad = -(-seq // MR) * MR
+        hd_pad = -(-head_dim // QB) * QB
+        v_size = 1 if head_dim % QB == 0 else seq * hd_pad
+        cached = (key, (np.empty((workers, keys_pad * head_dim), np.float32),
+                        np.empty((workers, keys_pad * QB), np.float32),
+                        np.empty((workers, head_dim * QB), np.float32),
+                        np.empty((workers, v_size), np.float32),
+                        np.empty((workers, OR * QB), np.float32),
+                        np.empty((workers, 2, QB), np.float32)))
+        _local.attention_scratch = cached
+    return cached[1]
