@@ -113,7 +113,7 @@ def server(tmp_path_factory, tiny_vit, tiny_deit, hub_cache, server_cwd):
     proc = ServerProcess(
         ["--model", f"{VIT_NAME}={tiny_vit}", "--model", f"{DEIT_NAME}={tiny_deit}", "--load-on-demand",
          "--max-batch-size", "8", "--max-wait-ms", "20", "--max-body-mb", "1", "--max-image-pixels", "1000000",
-         "--cache-size", "256"],
+         "--cache-size", "256", "--body-timeout", "3"],
         log_path, env=env, cwd=server_cwd)
     yield proc
     proc.stop()
@@ -163,6 +163,16 @@ def png_bytes(width: int, height: int, seed: int | None = None) -> bytes:
 
 def post(url: str, **kwargs) -> requests.Response:
     return requests.post(url, timeout=REQUEST_TIMEOUT_S, **kwargs)
+
+
+def raw_request(port: int, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """Send a request byte for byte on a fresh connection; (status, whole reply)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(head + body)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return int(reply.split(b" ", 2)[1]), reply
 
 
 def b64(data: bytes) -> str:
@@ -378,19 +388,33 @@ def test_bad_header_flag_is_400(server, cats):
 def test_unknown_model_is_404(server, cats, model):
     assert_error(post(f"{server.url}/models/{model}", data=cats), 404)
     assert_error(post(f"{server.url}/hf-inference/models/{model}", data=cats), 404)
+    assert_error(post(f"{server.url}/models/{model}", data=cats, headers={"x-wait-for-model": "true"}), 404)
+
+
+def test_unknown_model_without_load_on_demand_is_404(guarded_server, cats):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert "not loaded" in assert_error(post(f"{guarded_server.url}/models/{ON_DEMAND_ID}", data=cats,
+                                             headers=auth), 404)["error"]
+
+
+@pytest.mark.parametrize("args, env, fragment", [
+    (["--model", "/nonexistent/checkpoint-dir"], {}, "cannot load"),
+    (["--load-on-demand", "--token-env", "VITNP_TEST_UNSET_VARIABLE"], {}, "VITNP_TEST_UNSET_VARIABLE"),
+    ([], {}, "--model"),
+])
+def test_serve_refuses_to_start(args, env, fragment):
+    done = subprocess.run([sys.executable, "-m", "vitnp", "serve", "--port", str(free_port()), *args],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
+    assert done.returncode == 2 and fragment in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_url_model_ids_are_never_paths(server, cats, tiny_vit):
     """Percent-encoded traversal and absolute paths reach the router as-is; none may load a directory."""
     for raw_path in [f"/models/..%2F..%2F{tiny_vit.name}", "/models/%2Fetc%2Fpasswd",
                      f"/models/{str(tiny_vit).lstrip('/')}", "/models/..", "/models/../local-org/local-vit"]:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-            s.sendall(f"POST {raw_path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(cats)}\r\n"
-                      f"Connection: close\r\n\r\n".encode() + cats)
-            reply = b""
-            while chunk := s.recv(65536):
-                reply += chunk
-        status = int(reply.split(b" ", 2)[1])
+        head = f"POST {raw_path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(cats)}\r\nConnection: close\r\n\r\n"
+        status, reply = raw_request(server.port, head.encode(), cats)
         assert status in (400, 404), (raw_path, reply[:300])
     names = {m["model_id"] for m in requests.get(server.url + "/models", timeout=10).json()}
     assert names <= {VIT_NAME, DEIT_NAME, ON_DEMAND_ID}, names
@@ -408,6 +432,19 @@ def test_body_over_limit_is_413(server, cats):
     assert_error(post(server.url + "/", data=payload, headers={"Content-Type": "application/json"}), 413)
     # A body just under the limit is read in full (and then refused as a non-image, not as too large).
     assert_error(post(server.url + "/", data=os.urandom(1_000_000)), 400)
+
+
+def test_slow_client_times_out_without_holding_the_engine(server, lib_vit, cats):
+    """A client that stops sending its body gets 408 after --body-timeout (3 s); others are served meanwhile."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as slow:
+        slow.sendall(f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(cats)}\r\n\r\n".encode() + cats[:1000])
+        r = post(server.url + "/", data=cats, headers={"x-use-cache": "false"})
+        assert r.status_code == 200 and r.json() == lib_vit.classify(cats)
+        reply = b""
+        while chunk := slow.recv(65536):
+            reply += chunk
+    assert int(reply.split(b" ", 2)[1]) == 408, reply
+    assert b"not received within 3 seconds" in reply
 
 
 def test_internal_errors_are_generic_500_and_logged(caplog):

@@ -39,8 +39,17 @@ _BUNDLED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DEFAULT_LOAD_ESTIMATE_S = 10.0
 # Bodies above this size are hashed on the thread pool instead of the event loop.
 HASH_OFF_LOOP_BYTES = 1 << 20
+# How long a batch may wait past max_wait for admitted requests that are still being decoded, and how
+# often it looks whether they have arrived (a failed decode withdraws its request without a signal).
+DECODE_GRACE_S = 0.1
+GRACE_POLL_S = 0.002
 # A failed on-demand load is answered from memory for this long instead of being retried.
 FAILED_LOAD_MEMORY_S = 60.0
+
+
+# Forward passes of different models (and warm-ups of models loading on demand) take turns: each one
+# already uses every core, and Numba's workqueue threading layer aborts on concurrent parallel launches.
+FORWARD_LOCK = threading.Lock()
 
 
 class QueueFullError(VitnpError):
@@ -180,15 +189,30 @@ class EngineWorker:
                 return
 
     def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
-        """Take up to max_batch_size jobs, waiting at most max_wait_s after the first for more to come."""
+        """Take up to max_batch_size jobs, waiting up to max_wait_s after the first for more to come.
+
+        Past max_wait_s it still waits (up to DECODE_GRACE_S) for requests that are already admitted and
+        only being decoded: clients answered by one forward pass send their next requests together, and a
+        batch that left a few milliseconds too early would run the stragglers as a slow second batch.
+        """
         batch = [first]
-        deadline = time.monotonic() + self.options.max_wait_s
+        start = time.monotonic()
+        deadline = start + self.options.max_wait_s
+        grace_deadline = start + max(self.options.max_wait_s, DECODE_GRACE_S)
         while len(batch) < self.options.max_batch_size:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            if now < deadline:
+                timeout = deadline - now
+            elif self._waiting > len(batch) and now < grace_deadline:
+                timeout = min(GRACE_POLL_S, grace_deadline - now)
+            else:
+                timeout = 0.0
             try:
-                job = self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait()
+                job = self._jobs.get(timeout=timeout) if timeout > 0 else self._jobs.get_nowait()
             except queue.Empty:
-                break
+                if timeout == 0.0:
+                    break
+                continue
             if job is _STOP:
                 return batch, True
             batch.append(job)
@@ -211,7 +235,8 @@ class EngineWorker:
         try:
             for i, job in enumerate(batch):
                 self._batch[i] = job.pixels[0]
-            logits = self.classifier.logits(self._batch[:n])
+            with FORWARD_LOCK:
+                logits = self.classifier.logits(self._batch[:n])
             for i, job in enumerate(batch):
                 predictions = self.classifier.postprocess(logits[i:i + 1], job.top_k, job.function_to_apply)[0]
                 job.future.set_result((predictions, n))
@@ -279,7 +304,8 @@ class ModelRegistry:
     def _start_worker(self, name: str, clf, aliases: tuple[str, ...]) -> EngineWorker:
         if self.warmup:
             sizes = (1, self.options.max_batch_size) if self.options.max_batch_size > 1 else (1,)
-            seconds = clf.warmup(sizes)
+            with FORWARD_LOCK:
+                seconds = clf.warmup(sizes)
             log.info("model %s warmed up for batch sizes %s in %.1fs", name, sizes, seconds)
         return EngineWorker(name, clf, self.options, threads=self.threads, aliases=aliases)
 

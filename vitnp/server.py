@@ -29,7 +29,7 @@ import time
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -92,6 +92,9 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
         await asyncio.wait_for(receive_all(), timeout)
     except asyncio.TimeoutError:
         raise HTTPError(408, f"request body not received within {timeout:g} seconds") from None
+    except ClientDisconnect:
+        # Nobody will read the answer; the status is for the access log.
+        raise HTTPError(400, "client disconnected before sending the whole body") from None
     if size > limit:
         raise _too_large(limit)
     return b"".join(chunks)
