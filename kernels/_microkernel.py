@@ -3,7 +3,8 @@
 Written as plain Numba loops, the MR x NR accumulator tile lives in memory (Numba arrays may alias, so
 LLVM cannot promote it to registers).  Here the accumulators are SSA vector values carried around the k
 loop by phi nodes, so the register allocator keeps all of them in zmm registers and each k step is
-NR/16 vector loads of packed B, MR broadcasts of packed A, and MR*NR/16 FMAs.
+NR/16 vector loads of B, MR broadcasts of A and MR*NR/16 FMAs (check with `.inspect_asm()`: the loop
+body is vbroadcastss / vmovups / vfmadd231ps on zmm registers, no spills).
 """
 from llvmlite import ir
 from numba import types
@@ -12,89 +13,96 @@ from numba.extending import intrinsic
 
 LANES = 16  # float32 lanes of a zmm register
 
+_F32 = ir.FloatType()
+_I1 = ir.IntType(1)
+_I8P = ir.PointerType(ir.IntType(8))
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_VEC = ir.VectorType(_F32, LANES)
+_MASK = ir.VectorType(_I1, LANES)
+
 
 def make_microkernel(mr, nr):
-    """Return an intrinsic kernel(a, a_off, a_row_step, a_k_step, b, b_off, ldb, c, c_off, ldc, kc, accumulate).
+    """Return an intrinsic
+        kernel(a, a_off, a_row_step, a_k_step, b, b_off, ldb, c, c_off, ldc, kc, accumulate, rows, cols)
 
-    a: A panel, element (i, p) at a[a_off + i*a_row_step + p*a_k_step] (packed: a_row_step=1,
-    a_k_step=mr; straight from a row-major matrix: a_row_step=lda, a_k_step=1); b: B panel, (p, j) at
-    b[b_off + p*ldb + j] (ldb = nr when packed); c: flat output, (i, j) at c[c_off + i*ldc + j].  Computes the mr x nr product
-    over kc steps and stores it (accumulate=False) or adds it (accumulate=True) into c.
+    a: A panel, element (i, p) at a[a_off + i*a_row_step + p*a_k_step] (packed panels: a_row_step=1,
+    a_k_step=mr); b: B panel, (p, j) at b[b_off + p*ldb + j] (ldb = nr when packed); c: flat output,
+    (i, j) at c[c_off + i*ldc + j].  Computes the mr x nr product over kc steps and stores
+    (accumulate=False) or adds (accumulate=True) its first `rows` rows and `cols` columns into c; a
+    ragged tile is written with masked stores, so nothing outside it is touched.  All of A's mr rows and
+    B's nr columns are read, so panels must be padded (zeros) to full size.
     """
     if nr % LANES:
         raise ValueError(f"nr must be a multiple of {LANES}")
     vectors = nr // LANES
 
     @intrinsic
-    def kernel(typingctx, a, a_off, a_row_step, a_k_step, b, b_off, ldb, c, c_off, ldc, kc, accumulate):
+    def kernel(typingctx, a, a_off, a_row_step, a_k_step, b, b_off, ldb, c, c_off, ldc, kc, accumulate,
+               rows, cols):
         for arr in (a, b, c):
             if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1):
                 return None
-        sig = types.void(a, types.int64, types.int64, types.int64, b, types.int64, types.int64, c, types.int64, types.int64, types.int64,
-                         types.boolean)
+        i64 = types.int64
+        sig = types.void(a, i64, i64, i64, b, i64, i64, c, i64, i64, i64, types.boolean, i64, i64)
 
         def codegen(context, builder, signature, args):
-            a_arr, a_off_v, a_row_v, a_k_v, b_arr, b_off_v, ldb_v, c_arr, c_off_v, ldc_v, kc_v, acc_flag = args
-            f32 = ir.FloatType()
-            i64 = ir.IntType(64)
-            vec = ir.VectorType(f32, LANES)
+            (a_arr, a_off_v, a_row_v, a_k_v, b_arr, b_off_v, ldb_v, c_arr, c_off_v, ldc_v, kc_v, acc_flag,
+             rows_v, cols_v) = args
             a_data = context.make_array(signature.args[0])(context, builder, a_arr).data
             b_data = context.make_array(signature.args[4])(context, builder, b_arr).data
             c_data = context.make_array(signature.args[7])(context, builder, c_arr).data
             a_base = builder.gep(a_data, [a_off_v])
-            a_rows = [builder.gep(a_base, [builder.mul(ir.Constant(i64, i), a_row_v)]) for i in range(mr)]
+            a_rows = [builder.gep(a_base, [builder.mul(_const(i), a_row_v)]) for i in range(mr)]
             b_base = builder.gep(b_data, [b_off_v])
             c_base = builder.gep(c_data, [c_off_v])
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
-                                                 "llvm.fma.v16f32")
-            zero = ir.Constant(vec, [0.0] * LANES)
-            undef_vec = ir.Constant(vec, ir.Undefined)
-            splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+            c_rows = [builder.gep(c_base, [builder.mul(_const(i), ldc_v)]) for i in range(mr)]
+            full_tile = builder.and_(builder.icmp_signed(">=", rows_v, _const(mr)),
+                                     builder.icmp_signed(">=", cols_v, _const(nr)))
 
-            # The C tile is touched only after the k loop: start pulling its lines in now so the
-            # final load/add/store does not stall on L2/L3 (rw=1: will be written, locality=3).
+            # The C tile is touched only after the k loop: start pulling its lines in now so the final
+            # load/add/store does not stall on L2/L3 (rw=1: will be written, locality=3).
             prefetch = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [ir.PointerType(ir.IntType(8)), ir.IntType(32),
-                                                                ir.IntType(32), ir.IntType(32)]),
-                "llvm.prefetch.p0")
-            i32 = ir.IntType(32)
-            for i in range(mr):
-                c_row = builder.gep(c_base, [builder.mul(ir.Constant(i64, i), ldc_v)])
-                for v in range(0, vectors, 64 // (LANES * 4) or 1):
-                    line = builder.gep(c_row, [ir.Constant(i64, v * LANES)])
-                    builder.call(prefetch, [builder.bitcast(line, ir.PointerType(ir.IntType(8))),
-                                            ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+                builder.module, ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]), "llvm.prefetch.p0")
+            with builder.if_then(full_tile, likely=True):
+                for i in range(mr):
+                    for v in range(vectors):
+                        line = builder.bitcast(builder.gep(c_rows[i], [_const(v * LANES)]), _I8P)
+                        builder.call(prefetch, [line, ir.Constant(_I32, 1), ir.Constant(_I32, 3),
+                                                ir.Constant(_I32, 1)])
+
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]),
+                                                 "llvm.fma.v16f32")
+            zero = ir.Constant(_VEC, [0.0] * LANES)
+            undef_vec = ir.Constant(_VEC, ir.Undefined)
+            splat_mask = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
 
             entry = builder.basic_block
             loop = builder.append_basic_block("mk.loop")
             done = builder.append_basic_block("mk.done")
-            has_work = builder.icmp_signed(">", kc_v, ir.Constant(i64, 0))
-            builder.cbranch(has_work, loop, done)
+            builder.cbranch(builder.icmp_signed(">", kc_v, _const(0)), loop, done)
 
             builder.position_at_end(loop)
-            p = builder.phi(i64, "p")
-            p.add_incoming(ir.Constant(i64, 0), entry)
+            p = builder.phi(_I64, "p")
+            p.add_incoming(_const(0), entry)
             accs = []
             for i in range(mr):
                 row = []
                 for v in range(vectors):
-                    phi = builder.phi(vec, f"acc{i}_{v}")
+                    phi = builder.phi(_VEC, f"acc{i}_{v}")
                     phi.add_incoming(zero, entry)
                     row.append(phi)
                 accs.append(row)
             b_row = builder.gep(b_base, [builder.mul(p, ldb_v)])
-            b_vecs = []
-            for v in range(vectors):
-                ptr = builder.bitcast(builder.gep(b_row, [ir.Constant(i64, v * LANES)]), vec.as_pointer())
-                b_vecs.append(builder.load(ptr, align=4))
+            b_vecs = [builder.load(_vector_ptr(builder, b_row, v), align=4) for v in range(vectors)]
             a_step = builder.mul(p, a_k_v)
             new_accs = []
             for i in range(mr):
                 a_val = builder.load(builder.gep(a_rows[i], [a_step]), align=4)
-                a_splat = builder.shuffle_vector(builder.insert_element(undef_vec, a_val, ir.Constant(ir.IntType(32), 0)),
-                                                undef_vec, splat_mask)
+                a_splat = builder.shuffle_vector(builder.insert_element(undef_vec, a_val, ir.Constant(_I32, 0)),
+                                                 undef_vec, splat_mask)
                 new_accs.append([builder.call(fma, [a_splat, b_vecs[v], accs[i][v]]) for v in range(vectors)])
-            p_next = builder.add(p, ir.Constant(i64, 1))
+            p_next = builder.add(p, _const(1))
             loop_end = builder.basic_block
             p.add_incoming(p_next, loop_end)
             for i in range(mr):
@@ -107,16 +115,20 @@ def make_microkernel(mr, nr):
             for i in range(mr):
                 row = []
                 for v in range(vectors):
-                    phi = builder.phi(vec)
+                    phi = builder.phi(_VEC)
                     phi.add_incoming(zero, entry)
                     phi.add_incoming(new_accs[i][v], loop_end)
                     row.append(phi)
                 results.append(row)
-            with builder.if_else(acc_flag) as (then_add, then_store):
-                with then_add:
-                    _store_tile(builder, c_base, ldc_v, results, vec, add=True)
-                with then_store:
-                    _store_tile(builder, c_base, ldc_v, results, vec, add=False)
+            with builder.if_else(full_tile, likely=True) as (whole, ragged):
+                with whole:
+                    with builder.if_else(acc_flag) as (then_add, then_store):
+                        with then_add:
+                            _store_full(builder, c_rows, results, add=True)
+                        with then_store:
+                            _store_full(builder, c_rows, results, add=False)
+                with ragged:
+                    _store_ragged(builder, c_rows, results, acc_flag, rows_v, cols_v)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -126,12 +138,47 @@ def make_microkernel(mr, nr):
     return kernel
 
 
-def _store_tile(builder, c_base, ldc, results, vec, add):
-    i64 = ir.IntType(64)
-    for i, row in enumerate(results):
-        c_row = builder.gep(c_base, [builder.mul(ir.Constant(i64, i), ldc)])
+def _const(value):
+    return ir.Constant(_I64, value)
+
+
+def _vector_ptr(builder, row_ptr, v):
+    return builder.bitcast(builder.gep(row_ptr, [_const(v * LANES)]), _VEC.as_pointer())
+
+
+def _store_full(builder, c_rows, results, add):
+    for c_row, row in zip(c_rows, results):
         for v, value in enumerate(row):
-            ptr = builder.bitcast(builder.gep(c_row, [ir.Constant(i64, v * LANES)]), vec.as_pointer())
+            ptr = _vector_ptr(builder, c_row, v)
             if add:
                 value = builder.fadd(builder.load(ptr, align=4), value)
             builder.store(value, ptr, align=4)
+
+
+def _store_ragged(builder, c_rows, results, acc_flag, rows_v, cols_v):
+    """Rows below `rows` only; lanes below `cols` only (AVX-512 masked load/store)."""
+    module = builder.module
+    vec_ptr = _VEC.as_pointer()
+    masked_load = cgutils.get_or_insert_function(
+        module, ir.FunctionType(_VEC, [vec_ptr, _I32, _MASK, _VEC]), "llvm.masked.load.v16f32.p0")
+    masked_store = cgutils.get_or_insert_function(
+        module, ir.FunctionType(ir.VoidType(), [_VEC, vec_ptr, _I32, _MASK]), "llvm.masked.store.v16f32.p0")
+    lane_ids = ir.Constant(ir.VectorType(_I64, LANES), list(range(LANES)))
+    zero = ir.Constant(_VEC, [0.0] * LANES)
+    align = ir.Constant(_I32, 4)
+    masks = []
+    for v in range(len(results[0])):
+        remaining = builder.sub(cols_v, _const(v * LANES))
+        splat = builder.shuffle_vector(
+            builder.insert_element(ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined), remaining,
+                                   ir.Constant(_I32, 0)),
+            ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined),
+            ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+        masks.append(builder.icmp_signed("<", lane_ids, splat))
+    for i, (c_row, row) in enumerate(zip(c_rows, results)):
+        with builder.if_then(builder.icmp_signed("<", _const(i), rows_v)):
+            for v, value in enumerate(row):
+                ptr = _vector_ptr(builder, c_row, v)
+                old = builder.call(masked_load, [ptr, align, masks[v], zero])
+                value = builder.select(acc_flag, builder.fadd(old, value), value)
+                builder.call(masked_store, [value, ptr, align, masks[v]])

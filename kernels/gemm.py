@@ -36,6 +36,8 @@ MC_MAX = 2048          # rows of A packed per slab at most (bounds the per-worke
 PACK_B_MIN_ROWS = 384  # below this many rows per task, read w_t in place instead of packing
 
 _micro = make_microkernel(MR, NR)
+_micro8 = make_microkernel(8, NR)
+_micro4 = make_microkernel(4, NR)
 
 
 @njit(cache=True)
@@ -97,6 +99,18 @@ def _pack_b(w_flat, cols_total, k0, kc, col0, cols, b_buf):
 
 
 @njit(cache=True, fastmath=True)
+def _micro_rows(rows, a_buf, a_off, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, cols):
+    """The micro-kernel for a row panel of `rows` <= MR rows: a shorter kernel for the ragged last
+    panel (e.g. 197 = 16*12 + 5 rows) wastes less work on the zero padding."""
+    if rows > 8:
+        _micro(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols)
+    elif rows > 4:
+        _micro8(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols)
+    else:
+        _micro4(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols)
+
+
+@njit(cache=True, fastmath=True)
 def _finish_tile(out_flat, ldc, row, rows, col, cols, bias, has_bias, epilogue):
     """Bias and GELU on one output tile right after its last K slab (still in L1)."""
     for i in range(rows):
@@ -115,7 +129,7 @@ def _finish_tile(out_flat, ldc, row, rows, col, cols, bias, has_bias, epilogue):
 
 @njit(cache=True, fastmath=True)
 def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_total, epilogue,
-              r0, r1, c0, c1, a_buf, b_buf, tile, pack_b):
+              r0, r1, c0, c1, a_buf, b_buf, pack_b):
     row_block = _row_block(r1 - r0)
     for m0 in range(r0, r1, row_block):
         m1 = min(m0 + row_block, r1)
@@ -148,25 +162,14 @@ def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_
                             b, b_off, ldb = w_flat, k0 * cols_total + col, cols_total
                         else:
                             b, b_off, ldb = b_buf, 0, NR
-                        if rows == MR and cols == NR:
-                            _micro(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, row * cols_total + col,
-                                   cols_total, kc, accumulate)
-                        else:
-                            _micro(a_buf, a_off, 1, MR, b, b_off, ldb, tile, 0, NR, kc, False)
-                            for i in range(rows):
-                                start = (row + i) * cols_total + col
-                                if accumulate:
-                                    for j in range(cols):
-                                        out_flat[start + j] += tile[i * NR + j]
-                                else:
-                                    for j in range(cols):
-                                        out_flat[start + j] = tile[i * NR + j]
+                        _micro_rows(rows, a_buf, a_off, b, b_off, ldb, out_flat, row * cols_total + col,
+                                    cols_total, kc, accumulate, cols)
                         if last and (has_bias or epilogue == EPILOGUE_GELU):
                             _finish_tile(out_flat, cols_total, row, rows, col, cols, bias, has_bias, epilogue)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def _gemm_tasks(x, w_t, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, b_bufs, tiles):
+def _gemm_tasks(x, w_t, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, b_bufs):
     rows, depth = x.shape
     cols = out.shape[1]
     x_flat = x.reshape(-1)
@@ -183,7 +186,7 @@ def _gemm_tasks(x, w_t, bias, has_bias, out, epilogue, row_split, col_split, a_b
             c0 = ct * col_split
             r1 = min(r0 + row_split, rows)
             _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows, depth, cols, epilogue,
-                      r0, r1, c0, min(c0 + col_split, cols), a_bufs[w], b_bufs[w], tiles[w],
+                      r0, r1, c0, min(c0 + col_split, cols), a_bufs[w], b_bufs[w],
                       r1 - r0 >= PACK_B_MIN_ROWS)
 
 
@@ -246,14 +249,13 @@ def plan(rows, cols, workers):
 
 
 def _buffers(workers, a_size, b_size):
-    """Grow-only scratch for the calling Python thread: per-worker packed A, packed B, edge tile."""
+    """Grow-only scratch for the calling Python thread: per-worker packed A and packed B."""
     bufs = getattr(_local, "gemm", None)
     if bufs is None or bufs[0].shape[0] != workers or bufs[0].shape[1] < a_size or bufs[1].shape[1] < b_size:
         if bufs is not None and bufs[0].shape[0] == workers:
             a_size = max(a_size, bufs[0].shape[1])
             b_size = max(b_size, bufs[1].shape[1])
-        bufs = (np.empty((workers, a_size), np.float32), np.empty((workers, b_size), np.float32),
-                np.empty((workers, MR * NR), np.float32))
+        bufs = (np.empty((workers, a_size), np.float32), np.empty((workers, b_size), np.float32))
         _local.gemm = bufs
     return bufs
 
@@ -266,7 +268,7 @@ def gemm(x, w_t, bias, out, epilogue):
     row_split, col_split = plan(rows, cols, workers)
     a_size = _row_block(row_split) * min(KC, depth)
     b_size = min(KC, depth) * _round_up(min(NCS, col_split), NR)
-    a_bufs, b_bufs, tiles = _buffers(workers, a_size, b_size)
+    a_bufs, b_bufs = _buffers(workers, a_size, b_size)
     has_bias = bias is not None
     _gemm_tasks(x, w_t, bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
-                row_split, col_split, a_bufs, b_bufs, tiles)
+                row_split, col_split, a_bufs, b_bufs)

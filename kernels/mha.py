@@ -82,7 +82,7 @@ def _softmax_columns(scores_t, seq, col_max, col_sum):
 
 @njit(cache=True, fastmath=True)
 def _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels, scores_t, q_t, v_pad,
-                     tile, col_max, col_sum):
+                     col_max, col_sum):
     ld = 3 * width
     batch_row0 = b * seq * ld
     head_col = h * head_dim
@@ -108,25 +108,19 @@ def _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels, s
         _pack_queries_transposed(qkv_flat, batch_row0 + q0 * ld + head_col, ld, queries, head_dim, q_t)
         for kp in range(key_panels):
             _micro_scores(k_panels, kp * head_dim * MR, 1, MR, q_t, 0, QB, scores_t, kp * MR * QB, QB,
-                          head_dim, False)
+                          head_dim, False, MR, QB)
         _softmax_columns(scores_t, seq, col_max, col_sum)
         for r0 in range(0, queries, OR):
             rows = min(OR, queries - r0)
             for dp in range(hd_pad // QB):
                 out_off = out_row0 + (q0 + r0) * width + head_col + dp * QB
                 cols = min(QB, head_dim - dp * QB)
-                if rows == OR and cols == QB:
-                    _micro_out(scores_t, r0, 1, QB, v_src, v_off + dp * QB, v_ld, out_flat, out_off, width,
-                               seq, False)
-                else:
-                    _micro_out(scores_t, r0, 1, QB, v_src, v_off + dp * QB, v_ld, tile, 0, QB, seq, False)
-                    for i in range(rows):
-                        for d in range(cols):
-                            out_flat[out_off + i * width + d] = tile[i * QB + d]
+                _micro_out(scores_t, r0, 1, QB, v_src, v_off + dp * QB, v_ld, out_flat, out_off, width,
+                           seq, False, rows, cols)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def _attention(qkv, out, num_heads, k_panels, scores_t, q_t, v_pad, tile, col_stats):
+def _attention(qkv, out, num_heads, k_panels, scores_t, q_t, v_pad, col_stats):
     batch, seq, width3 = qkv.shape
     width = width3 // 3
     head_dim = width // num_heads
@@ -140,7 +134,7 @@ def _attention(qkv, out, num_heads, k_panels, scores_t, q_t, v_pad, tile, col_st
             b = task // num_heads
             h = task - b * num_heads
             _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels[w], scores_t[w],
-                             q_t[w], v_pad[w], tile[w], col_stats[w, 0], col_stats[w, 1])
+                             q_t[w], v_pad[w], col_stats[w, 0], col_stats[w, 1])
 
 
 def attention(qkv, out, num_heads):
@@ -167,7 +161,7 @@ _local = threading.local()  # scratch per calling Python thread, so concurrent c
 
 
 def _scratch(workers, head_dim, seq):
-    """Per-worker scratch: K panels, one transposed score block, Q^T block, padded V, edge tile, stats."""
+    """Per-worker scratch: K panels, one transposed score block, Q^T block, padded V, softmax stats."""
     key = (workers, head_dim, seq)
     cached = getattr(_local, "attention_scratch", None)
     if cached is None or cached[0] != key:
@@ -178,7 +172,6 @@ def _scratch(workers, head_dim, seq):
                         np.empty((workers, keys_pad * QB), np.float32),
                         np.empty((workers, head_dim * QB), np.float32),
                         np.empty((workers, v_size), np.float32),
-                        np.empty((workers, OR * QB), np.float32),
                         np.empty((workers, 2, QB), np.float32)))
         _local.attention_scratch = cached
     return cached[1]
