@@ -588,3 +588,20 @@ def test_access_log_lines(server, tiny_vit, cats):
     lines = [line for line in server.log().splitlines() if "vitnp.access" in line and path in line]
     assert lines
     assert f"model={VIT_NAME} status=200 batch=" in lines[-1] and "latency=" in lines[-1]
+
+
+def test_bench_server_smoke(tmp_path, tiny_vit):
+    """benchmarks/bench_server.py runs end to end on a tiny checkpoint (no timing is checked)."""
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_server.py"
+    done = subprocess.run([sys.executable, str(bench), "--no-reexec", "--quick", "--model", str(tiny_vit),
+                           "--clients", "1,3", "--engine-reps", "1", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((tmp_path / "server-quick.json").read_text())
+    for clients in ("1", "3"):
+        run = data["server"][clients]
+        assert run["failures"] == 0 and run["requests"] == 2 * int(clients) and run["images_per_s"] > 0
+    assert data["engine"]["batch8"]["images_per_s"] > 0 and data["target"]["ratio"] is None
+    # Every request (2 per client) and every warm-up (1 per client) went through a forward pass.
+    forwards = {size: n for size, n in data["server_batches"].items() if size != "-"}
+    assert sum(forwards.values()) == 3 * (1 + 3)
