@@ -22,16 +22,31 @@ HEADS = 12
 GEMM_SHAPES = [("qkv", 768, 2304), ("attn_out", 768, 768), ("fc1", 768, 3072), ("fc2", 3072, 768)]
 
 
-def timed(fn, reps, min_seconds=0.0):
-    """Median, min and max wall time of fn() over `reps` runs (after one warm-up call)."""
+CLOCK = time.perf_counter  # switched to time.thread_time for --threads 1 (robust to preemption)
+
+
+def timed(fn, reps):
+    """Median, min and max time of fn() over `reps` runs (after one warm-up call)."""
     fn()
     times = []
-    start_all = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - start_all < min_seconds:
-        start = time.perf_counter()
+    for _ in range(reps):
+        start = CLOCK()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return statistics.median(times), min(times), max(times), len(times)
+
+
+def timed_pair(fns, reps):
+    """Like timed() for several functions, interleaved run by run so load bursts hit all of them."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = CLOCK()
+            fn()
+            times[name].append(CLOCK() - start)
+    return {name: (statistics.median(t), min(t), max(t), len(t)) for name, t in times.items()}
 
 
 def blas_info():
@@ -52,9 +67,10 @@ def bench_gemm(batches, reps, kernels):
             out = np.empty((m, n), np.float32)
             flops = 2.0 * m * k * n
             row = {"batch": batch, "name": name, "M": m, "K": k, "N": n}
-            for backend in ("numba", "blas"):
-                lin = kernels.Linear(weight, bias, backend=backend)
-                med, lo, hi, count = timed(lambda: lin(x, out), reps)
+            # Pure GEMM (no bias / epilogue): the kernels themselves, not the epilogue passes.
+            layers = {backend: kernels.Linear(weight, None, backend=backend) for backend in ("numba", "blas")}
+            stats = timed_pair({b: (lambda lin=lin: lin(x, out)) for b, lin in layers.items()}, reps)
+            for backend, (med, lo, hi, count) in stats.items():
                 row[backend] = {"median_ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3, "reps": count,
                                 "gflops_median": flops / med / 1e9, "gflops_best": flops / lo / 1e9}
             row["ratio_numba_over_blas"] = row["numba"]["gflops_median"] / row["blas"]["gflops_median"]
@@ -167,10 +183,16 @@ def main(argv=None):
     import numba
 
     threads = kernels.set_num_threads(args.threads or numba.config.NUMBA_NUM_THREADS)
+    global CLOCK
+    if threads == 1:
+        CLOCK = time.thread_time
     parts = set(args.only or ["gemm", "epilogues", "attention", "elementwise"])
     blas = blas_info()
-    print(f"threads={threads} numba {numba.__version__} layer={numba.config.THREADING_LAYER} "
-          f"numpy {np.__version__}")
+    kernels.layernorm(np.zeros((2, 4), np.float32), np.ones(4, np.float32), np.zeros(4, np.float32), 1e-5,
+                      np.zeros((2, 4), np.float32))  # starts Numba's thread pool so the layer is known
+    layer = numba.threading_layer()
+    print(f"threads={threads} numba {numba.__version__} threading layer={layer} numpy {np.__version__} "
+          f"clock={'thread CPU time' if threads == 1 else 'wall'}")
     for b in blas:
         print(f"BLAS: {b['internal_api']} {b['version']} architecture={b['architecture']} "
               f"num_threads={b['num_threads']}")
@@ -181,10 +203,11 @@ def main(argv=None):
     print(f"load average at start: {load}")
 
     results = {"command": " ".join([sys.executable] + sys.argv), "threads": threads, "blas": blas,
+               "threading_layer": layer, "clock": "thread_time" if threads == 1 else "perf_counter",
                "openblas_env_overrides": pessimistic, "loadavg_start": load,
                "cpu": platform.processor() or platform.machine(), "numba": numba.__version__}
     if "gemm" in parts:
-        print("GEMM (GFLOP/s, median of reps; best in parentheses):")
+        print("GEMM without bias (GFLOP/s, median of reps; best in parentheses):")
         results["gemm"] = bench_gemm(args.batches, args.reps, kernels)
     if "epilogues" in parts:
         results["epilogues"] = bench_epilogues(args.reps, kernels)

@@ -13,7 +13,7 @@ Structure (one parallel region per call, one task per worker, BLIS-like inside a
     the micro-kernel read w_t rows in place (few rows: packing would cost more than it saves).
   * For each MR-row panel (its A sliver stays in L1) and each NR-column panel, the LLVM micro-kernel
     accumulates an MR x NR tile in 24 zmm registers and adds it into `out`; after the last slab the
-    epilogue (bias, GELU) is applied to that tile while it is still in L1.
+    epilogue (bias, GELU) is applied to the row panel's MR x NCS block while it is still in cache.
 """
 import threading
 
@@ -21,7 +21,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ._microkernel import make_microkernel
-from .elementwise import gelu64
+from .elementwise import gelu_inplace_serial
 
 EPILOGUE_NONE = 0
 EPILOGUE_GELU = 1
@@ -111,20 +111,21 @@ def _micro_rows(rows, a_buf, a_off, b, b_off, ldb, out_flat, c_off, ldc, kc, acc
 
 
 @njit(cache=True, fastmath=True)
+def _add_bias_serial(out_row, bias_row):
+    for j in range(out_row.size):
+        out_row[j] += bias_row[j]
+
+
+@njit(cache=True, fastmath=True)
 def _finish_tile(out_flat, ldc, row, rows, col, cols, bias, has_bias, epilogue):
-    """Bias and GELU on one output tile right after its last K slab (still in L1)."""
+    """Bias and GELU on out[row:row+rows, col:col+cols] right after its last K slab (still in L1/L2)."""
     for i in range(rows):
         start = (row + i) * ldc + col
+        segment = out_flat[start:start + cols]
+        if has_bias:
+            _add_bias_serial(segment, bias[col:col + cols])
         if epilogue == EPILOGUE_GELU:
-            if has_bias:
-                for j in range(cols):
-                    out_flat[start + j] = np.float32(gelu64(np.float64(out_flat[start + j] + bias[col + j])))
-            else:
-                for j in range(cols):
-                    out_flat[start + j] = np.float32(gelu64(np.float64(out_flat[start + j])))
-        elif has_bias:
-            for j in range(cols):
-                out_flat[start + j] += bias[col + j]
+            gelu_inplace_serial(segment)
 
 
 @njit(cache=True, fastmath=True)
@@ -164,8 +165,10 @@ def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_
                             b, b_off, ldb = b_buf, 0, NR
                         _micro_rows(rows, a_buf, a_off, b, b_off, ldb, out_flat, row * cols_total + col,
                                     cols_total, kc, accumulate, cols)
-                        if last and (has_bias or epilogue == EPILOGUE_GELU):
-                            _finish_tile(out_flat, cols_total, row, rows, col, cols, bias, has_bias, epilogue)
+                    if last and (has_bias or epilogue == EPILOGUE_GELU):
+                        # Per row panel rather than per tile: long rows vectorise well, and the tiles
+                        # were stored a while ago (re-reading a just-stored zmm in pieces stalls).
+                        _finish_tile(out_flat, cols_total, row, rows, s0, s1 - s0, bias, has_bias, epilogue)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
@@ -190,41 +193,30 @@ def _gemm_tasks(x, w_t, bias, has_bias, out, epilogue, row_split, col_split, a_b
                       r1 - r0 >= PACK_B_MIN_ROWS)
 
 
-@njit(cache=True, fastmath=True)
-def _epilogue_rows(out, r0, r1, bias, has_bias, epilogue):
-    cols = out.shape[1]
-    for i in range(r0, r1):
-        if epilogue == EPILOGUE_GELU:
-            if has_bias:
-                for j in range(cols):
-                    out[i, j] = np.float32(gelu64(np.float64(out[i, j] + bias[j])))
-            else:
-                for j in range(cols):
-                    out[i, j] = np.float32(gelu64(np.float64(out[i, j])))
-        elif has_bias:
-            for j in range(cols):
-                out[i, j] += bias[j]
-
-
 @njit(cache=True, fastmath=True, parallel=True)
 def apply_epilogue_inplace(out, bias, has_bias, epilogue):
     """For the BLAS path: out already holds x @ w_t; add bias and apply GELU in one pass."""
-    rows = out.shape[0]
+    rows, cols = out.shape
+    out_flat = out.reshape(-1)
     for i in prange(rows):
-        _epilogue_rows(out, i, i + 1, bias, has_bias, epilogue)
+        _finish_tile(out_flat, cols, i, 1, 0, cols, bias, has_bias, epilogue)
+
+
+@njit(cache=True, fastmath=True)
+def _add_rows_serial(out_row, product_row, bias, has_bias):
+    if has_bias:
+        for j in range(out_row.size):
+            out_row[j] += product_row[j] + bias[j]
+    else:
+        for j in range(out_row.size):
+            out_row[j] += product_row[j]
 
 
 @njit(cache=True, fastmath=True, parallel=True)
 def add_product_inplace(out, product, bias, has_bias):
     """For the BLAS path's residual epilogue: out += product + bias."""
-    rows, cols = out.shape
-    for i in prange(rows):
-        if has_bias:
-            for j in range(cols):
-                out[i, j] += product[i, j] + bias[j]
-        else:
-            for j in range(cols):
-                out[i, j] += product[i, j]
+    for i in prange(out.shape[0]):
+        _add_rows_serial(out[i], product[i], bias, has_bias)
 
 
 NO_BIAS = np.zeros(1, np.float32)
