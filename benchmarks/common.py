@@ -267,23 +267,26 @@ def bar_chart(path: Path, title: str, panels: list[dict], note: str = "") -> boo
                           color=f"C{i}")
             for bar, v in zip(bars, values):
                 if v is not None:
-                    ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                    ax.annotate(f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                                 va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
         for y, label in panel.get("hlines", []):
             ax.axhline(y, color="crimson", linestyle="--", linewidth=1)
-            ax.annotate(label, (-0.45, y), color="crimson", fontsize=7.5, va="bottom", xytext=(0, 2),
-                        textcoords="offset points")
+            ax.annotate(label, (0.01, y), xycoords=ax.get_yaxis_transform(), color="crimson", fontsize=7.5,
+                        va="bottom", xytext=(0, 2), textcoords="offset points")
         if panel.get("log"):
             ax.set_yscale("log")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups)
         ax.set_ylabel(panel["ylabel"])
         ax.margins(y=0.15)
-        ax.legend(fontsize=7.5)
+    # Every panel shows the same systems in the same colours: one legend under the title.
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.suptitle(title, fontsize=10.5)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.945), ncol=min(6, len(labels)),
+               fontsize=8, frameon=False)
     if note:
         fig.text(0.01, 0.01, note, fontsize=6.5, color="dimgray")
-    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 0.89))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
