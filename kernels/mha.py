@@ -15,15 +15,16 @@ import threading
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from ._intrinsics import maxnum_float32
+from ._intrinsics import make_column_softmax
 from ._microkernel import make_microkernel
-from .elementwise import check_f32_contiguous, exp32
+from .elementwise import check_f32_contiguous
 
 MR = 12   # keys per micro-tile of S^T
 QB = 32   # queries per block = micro-tile width
 OR = 8    # queries per micro-tile of O (QB = 4 * OR)
 _micro_scores = make_microkernel(MR, QB)
 _micro_out = make_microkernel(OR, QB)
+_softmax_columns = make_column_softmax(QB)
 
 
 @njit(cache=True)
@@ -60,29 +61,7 @@ def _pack_queries_transposed(qkv_flat, start, ld, queries, head_dim, q_t):
 
 
 @njit(cache=True, fastmath=True)
-def _softmax_columns(scores_t, seq, col_max, col_sum):
-    """In place: each column of scores_t[:seq, :QB] becomes its softmax over the seq keys."""
-    for i in range(QB):
-        col_max[i] = scores_t[i]
-        col_sum[i] = 0.0
-    for j in range(1, seq):
-        for i in range(QB):
-            col_max[i] = maxnum_float32(col_max[i], scores_t[j * QB + i])
-    for j in range(seq):
-        for i in range(QB):
-            e = exp32(scores_t[j * QB + i] - col_max[i])
-            scores_t[j * QB + i] = e
-            col_sum[i] += e
-    for i in range(QB):
-        col_sum[i] = np.float32(1.0) / col_sum[i]
-    for j in range(seq):
-        for i in range(QB):
-            scores_t[j * QB + i] *= col_sum[i]
-
-
-@njit(cache=True, fastmath=True)
-def _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels, scores_t, q_t, v_pad,
-                     col_max, col_sum):
+def _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels, scores_t, q_t, v_pad):
     ld = 3 * width
     batch_row0 = b * seq * ld
     head_col = h * head_dim
@@ -109,7 +88,7 @@ def _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels, s
         for kp in range(key_panels):
             _micro_scores(k_panels, kp * head_dim * MR, 1, MR, q_t, 0, QB, scores_t, kp * MR * QB, QB,
                           head_dim, False, MR, QB)
-        _softmax_columns(scores_t, seq, col_max, col_sum)
+        _softmax_columns(scores_t, 0, seq)
         for r0 in range(0, queries, OR):
             rows = min(OR, queries - r0)
             for dp in range(hd_pad // QB):
@@ -120,7 +99,7 @@ def _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels, s
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def _attention(qkv, out, num_heads, k_panels, scores_t, q_t, v_pad, col_stats):
+def _attention(qkv, out, num_heads, k_panels, scores_t, q_t, v_pad):
     batch, seq, width3 = qkv.shape
     width = width3 // 3
     head_dim = width // num_heads
@@ -134,7 +113,7 @@ def _attention(qkv, out, num_heads, k_panels, scores_t, q_t, v_pad, col_stats):
             b = task // num_heads
             h = task - b * num_heads
             _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels[w], scores_t[w],
-                             q_t[w], v_pad[w], col_stats[w, 0], col_stats[w, 1])
+                             q_t[w], v_pad[w])
 
 
 def attention(qkv, out, num_heads):
@@ -161,7 +140,7 @@ _local = threading.local()  # scratch per calling Python thread, so concurrent c
 
 
 def _scratch(workers, head_dim, seq):
-    """Per-worker scratch: K panels, one transposed score block, Q^T block, padded V, softmax stats."""
+    """Per-worker scratch: K panels, one transposed score block, Q^T block, padded V."""
     key = (workers, head_dim, seq)
     cached = getattr(_local, "attention_scratch", None)
     if cached is None or cached[0] != key:
@@ -171,7 +150,6 @@ def _scratch(workers, head_dim, seq):
         cached = (key, (np.empty((workers, keys_pad * head_dim), np.float32),
                         np.empty((workers, keys_pad * QB), np.float32),
                         np.empty((workers, head_dim * QB), np.float32),
-                        np.empty((workers, v_size), np.float32),
-                        np.empty((workers, 2, QB), np.float32)))
+                        np.empty((workers, v_size), np.float32)))
         _local.attention_scratch = cached
     return cached[1]
