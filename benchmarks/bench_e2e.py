@@ -12,8 +12,9 @@ Systems, all in this one process and all given the same number of threads (--thr
   vitnp-numba / vitnp-blas / vitnp-auto   vitnp.load(dir, backend=...)
   torch        transformers' ViTForImageClassification in eager mode (no torch.compile; its default attention),
                torch.set_num_threads(threads), under torch.inference_mode()
-  ort          ONNX Runtime on the same checkpoint exported with torch.onnx (dynamo exporter, dynamic batch;
-               cached next to the checkpoint cache), graph optimisations ORT_ENABLE_ALL, `threads` intra-op threads
+  ort          ONNX Runtime on the same checkpoint exported with torch.onnx (dynamo exporter, dynamic batch; the
+               TorchScript exporter if that fails, e.g. without onnxscript; cached under the checkpoint cache),
+               graph optimisations ORT_ENABLE_ALL, `threads` intra-op threads
   naive-numpy  benchmarks/naive_numpy.py, a picoGPT-style pure-NumPy forward (np.matmul, np.exp softmax, erf formula)
 
 Method: for each batch size every system is called once (the first-call time is recorded: for vitnp it includes
@@ -176,11 +177,21 @@ def export_onnx(checkpoint: Path) -> dict:
     example = torch.zeros(2, cfg.num_channels, cfg.image_size, cfg.image_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"[bench] exporting {checkpoint} to ONNX (once) -> {path}", flush=True)
+    names = {"input_names": ["pixel_values"], "output_names": ["logits"]}
     t0 = time.perf_counter()
-    torch.onnx.export(model, (example,), str(path), input_names=["pixel_values"], output_names=["logits"],
-                      dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}}, dynamo=True)
-    info = {"exporter": "torch.onnx.export(dynamo=True)", "export_s": time.perf_counter() - t0,
-            "torch": torch.__version__, "attn_implementation": cfg._attn_implementation}
+    try:
+        torch.onnx.export(model, (example,), str(path), dynamo=True,
+                          dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}}, **names)
+        info = {"exporter": "torch.onnx.export(dynamo=True)"}
+    except Exception as e:  # e.g. onnxscript not installed: the TorchScript exporter needs nothing extra
+        print(f"[bench] dynamo ONNX export failed ({type(e).__name__}: {e}); using the TorchScript exporter",
+              flush=True)
+        t0 = time.perf_counter()
+        torch.onnx.export(model, (example,), str(path), dynamo=False,
+                          dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}}, **names)
+        info = {"exporter": "torch.onnx.export(dynamo=False)", "dynamo_error": f"{type(e).__name__}: {e}"}
+    info.update(export_s=time.perf_counter() - t0, torch=torch.__version__,
+                attn_implementation=cfg._attn_implementation)
     info_path.write_text(json.dumps(info, indent=2))
     return {**info, "path": str(path), "cached": False}
 
@@ -271,7 +282,8 @@ def run(args) -> dict:
         try:
             setup[name] = system.setup(checkpoint, args.threads)
             systems.append(system)
-            print(f"  set up {name}: load {setup[name]['load_s']:.2f} s", flush=True)
+            exporter = f" (model from {setup[name]['exporter']})" if "exporter" in setup[name] else ""
+            print(f"  set up {name}: load {setup[name]['load_s']:.2f} s{exporter}", flush=True)
         except Exception as e:
             missing[name] = f"{type(e).__name__}: {e}"
             print(f"  {name} unavailable: {missing[name]}", flush=True)

@@ -110,7 +110,8 @@ def vitnp_source() -> dict:
         commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10)
         if commit.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--", "vitnp", "kernels"],
+            dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no", "--",
+                                    "vitnp", "kernels"],
                                    capture_output=True, text=True, timeout=10).stdout.strip()
             info["commit"] = commit.stdout.strip()
             info["uncommitted_changes"] = bool(dirty)
