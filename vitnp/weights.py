@@ -8,6 +8,7 @@ weights are the packed ones only.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,12 +113,20 @@ class _TensorFile:
             if 8 + n + end > size or start > end:
                 raise CheckpointError(f"{path}: tensor {name!r} lies beyond the end of the file (truncated download?)")
             self.entries[name] = (dtype, shape, 8 + n + start, end - start)
-        self._map = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+        with open(path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._bytes = np.frombuffer(self._mmap, dtype=np.uint8)
 
     def view(self, name: str) -> np.ndarray:
         dtype, shape, offset, nbytes = self.entries[name]
-        raw = self._map[offset:offset + nbytes].view(_DTYPES[dtype])
-        return raw.reshape(shape)
+        return self._bytes[offset:offset + nbytes].view(_DTYPES[dtype]).reshape(shape)
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process (they stay in the page cache): it has been copied."""
+        _, _, offset, nbytes = self.entries[name]
+        start = offset - offset % mmap.PAGESIZE
+        if nbytes:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
 
 
 def _open_checkpoint(model_dir: Path) -> dict[str, tuple[_TensorFile, str]]:
@@ -173,13 +182,17 @@ def validate(tensors: dict, cfg: ViTConfig, where: Path) -> None:
 
 
 def _float32(tensors: dict, name: str) -> np.ndarray:
-    """A float32 copy, never a view: no page of the memory map stays referenced after loading."""
+    """A float32 copy, never a view, after which the tensor's mapped pages are released: the resident
+    weights are the packed copies only, and loading never holds the whole file in memory besides them."""
     f = tensors[name]
     raw = f.view(name)
     if f.entries[name][0] == "BF16":
         # bfloat16 is the top half of a float32.
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return np.array(raw, dtype=np.float32, copy=True)
+        out = (raw.astype(np.uint32) << 16).view(np.float32)
+    else:
+        out = np.array(raw, dtype=np.float32, copy=True)
+    f.release(name)
+    return out
 
 
 def load_weights(model_dir: str | Path, cfg: ViTConfig, backend: str = "auto") -> ViTWeights:
