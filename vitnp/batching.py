@@ -284,7 +284,7 @@ class ModelRegistry:
 
         t0 = time.perf_counter()
         clf = vitnp.load(spec, revision=self.revision, backend=self.backend, threads=self.threads, progress=False)
-        name, aliases = _startup_names(spec, clf.model_id, alias)
+        name, aliases = _startup_names(spec, alias)
         if name in self._names:
             raise ModelNotFoundError(f"two --model arguments are both named {name!r}; name them with "
                                      f"--model NAME=DIR")
@@ -464,12 +464,12 @@ def _check_url_model_name(name: str) -> None:
         raise ModelNotFoundError(f"Model {name} does not exist (not a valid Hugging Face Hub model id)") from None
 
 
-def _startup_names(spec: str, model_id: str, alias: str | None) -> tuple[str, tuple[str, ...]]:
+def _startup_names(spec: str, alias: str | None) -> tuple[str, tuple[str, ...]]:
     """Canonical name + aliases under which a command-line model answers.
 
-    A hub id or bundled name is its own name. A directory answers to ALIAS (from --model ALIAS=DIR), to
-    its directory name, and to the hub id it was saved from when config.json says so... only names that
-    are valid Hub ids, so that every name can appear in /models/<name>.
+    A hub id or bundled name is its own name. A directory answers to NAME (from --model NAME=DIR) and to its
+    directory name, when that is a valid Hub id, so that every name can appear in /models/<name>. A
+    directory with neither keeps its path as its name: reachable through POST / when it is the default.
     """
     from .hub import is_hub_id
 
@@ -482,8 +482,6 @@ def _startup_names(spec: str, model_id: str, alias: str | None) -> tuple[str, tu
         base = os.path.basename(os.path.normpath(spec))
         if is_hub_id(base):
             candidates.append(base)
-        if is_hub_id(model_id) and not os.path.isdir(model_id):
-            candidates.append(model_id)
     if not candidates:
         candidates.append(spec)
     unique = list(dict.fromkeys(candidates))
