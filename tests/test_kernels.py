@@ -369,3 +369,39 @@ def test_set_num_threads_limits_blas():
             kernels.set_num_threads(0)
     finally:
         kernels.set_num_threads(previous)
+
+
+def test_concurrent_callers_get_correct_results():
+    # A server may run requests on several Python threads: scratch buffers are per calling thread.
+    import threading
+
+    import numba
+
+    kernels.layernorm(np.zeros((1, 4), np.float32), np.ones(4, np.float32), np.zeros(4, np.float32), 1e-5,
+                      np.zeros((1, 4), np.float32))
+    if numba.threading_layer() == "workqueue":
+        pytest.skip("the workqueue threading layer does not support concurrent parallel launches")
+    r = rng()
+    weight = (r.standard_normal((96, 64)) / 8).astype(np.float32)
+    bias = r.standard_normal(96).astype(np.float32)
+    lin = kernels.Linear(weight, bias, backend="numba")
+    inputs = [r.standard_normal((197 + 5 * i, 64)).astype(np.float32) for i in range(4)]
+    qkvs = [r.standard_normal((1, 30 + i, 96)).astype(np.float32) for i in range(4)]
+    failures = []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                check_linear(lin, inputs[i], weight, bias, "gelu")
+                att = np.empty((1, qkvs[i].shape[1], 32), np.float32)
+                kernels.attention(qkvs[i], att, 4)
+                np.testing.assert_allclose(att, attention_reference(qkvs[i], 4), rtol=1e-5, atol=2e-5)
+        except Exception as exc:  # reported below, with the thread's index
+            failures.append((i, repr(exc)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
