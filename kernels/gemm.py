@@ -20,6 +20,7 @@ import threading
 import numpy as np
 from numba import get_num_threads, njit, prange
 
+from ._aligned import aligned_empty
 from ._microkernel import make_microkernel
 from .elementwise import gelu_inplace_serial
 
@@ -247,7 +248,7 @@ def _buffers(workers, a_size, b_size):
         if bufs is not None and bufs[0].shape[0] == workers:
             a_size = max(a_size, bufs[0].shape[1])
             b_size = max(b_size, bufs[1].shape[1])
-        bufs = (np.empty((workers, a_size), np.float32), np.empty((workers, b_size), np.float32))
+        bufs = (aligned_empty(workers, a_size), aligned_empty(workers, b_size))
         _local.gemm = bufs
     return bufs
 

@@ -15,6 +15,7 @@ import threading
 import numpy as np
 from numba import get_num_threads, njit, prange
 
+from ._aligned import aligned_empty
 from ._intrinsics import make_column_softmax
 from ._microkernel import make_microkernel
 from .elementwise import check_f32_contiguous
@@ -147,9 +148,7 @@ def _scratch(workers, head_dim, seq):
         keys_pad = -(-seq // MR) * MR
         hd_pad = -(-head_dim // QB) * QB
         v_size = 1 if head_dim % QB == 0 else seq * hd_pad
-        cached = (key, (np.empty((workers, keys_pad * head_dim), np.float32),
-                        np.empty((workers, keys_pad * QB), np.float32),
-                        np.empty((workers, head_dim * QB), np.float32),
-                        np.empty((workers, v_size), np.float32)))
+        cached = (key, (aligned_empty(workers, keys_pad * head_dim), aligned_empty(workers, keys_pad * QB),
+                        aligned_empty(workers, head_dim * QB), aligned_empty(workers, v_size)))
         _local.attention_scratch = cached
     return cached[1]
