@@ -605,3 +605,20 @@ def test_bench_server_smoke(tmp_path, tiny_vit):
     # Every request (2 per client) and every warm-up (1 per client) went through a forward pass.
     forwards = {size: n for size, n in data["server_batches"].items() if size != "-"}
     assert sum(forwards.values()) == 3 * (1 + 3)
+
+
+def test_bundled_digits_model_over_http(tmp_path, examples_dir):
+    """The offline demo model: the server names each shipped digit as its file name says, like the library."""
+    proc = ServerProcess(["--model", "bundled:digits"], tmp_path / "digits-server.log", env={"HF_HUB_OFFLINE": "1"})
+    try:
+        lib = vitnp.load("bundled:digits", backend=BACKEND)
+        pngs = sorted((examples_dir / "digits").glob("digit-*.png"))
+        assert len(pngs) == 10
+        for png in pngs:
+            for url in (proc.url + "/", proc.url + "/models/bundled:digits"):
+                response = post(url, data=png.read_bytes())
+                assert response.status_code == 200, response.text
+                assert response.json()[0]["label"] == png.name.split("-")[1]
+                assert response.json() == lib.classify(png)
+    finally:
+        proc.stop()
