@@ -241,6 +241,16 @@ def plan(rows, cols, workers):
     return _round_up(-(-rows // workers), MR), cols
 
 
+def _finish_empty(out, bias, epilogue):
+    product = np.zeros(out.shape, np.float32) if bias is None else np.broadcast_to(bias, out.shape)
+    if epilogue == "add":
+        out += product
+    else:
+        out[...] = product
+        if epilogue == "gelu":
+            gelu_inplace_serial(out.reshape(-1))
+
+
 def _buffers(workers, a_size, b_size):
     """Grow-only scratch for the calling Python thread: per-worker packed A and packed B."""
     bufs = getattr(_local, "gemm", None)
@@ -257,6 +267,11 @@ def gemm(x, w_t, bias, out, epilogue):
     """out (=|+=) epilogue(x @ w_t + bias) with the packed, register-tiled Numba kernel (bias may be None)."""
     rows, depth = x.shape
     cols = w_t.shape[1]
+    if rows == 0 or cols == 0:
+        return
+    if depth == 0:  # an empty sum: only the bias (or nothing) remains
+        _finish_empty(out, bias, epilogue)
+        return
     workers = get_num_threads()
     row_split, col_split = plan(rows, cols, workers)
     a_size = _row_block(row_split) * min(KC, depth)

@@ -31,7 +31,7 @@ def threads(request):
 
 def gelu_reference(x):
     x = np.asarray(x, np.float64)
-    erf = np.vectorize(math.erf)
+    erf = np.vectorize(math.erf, otypes=[np.float64])
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 
@@ -405,3 +405,15 @@ def test_concurrent_callers_get_correct_results():
     for t in threads:
         t.join()
     assert not failures
+
+
+@pytest.mark.parametrize("backend", ["numba", "blas"])
+@pytest.mark.parametrize("shape", [(0, 8, 5), (4, 0, 5)], ids=["no-rows", "no-inputs"])
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "add"])
+def test_linear_degenerate_shapes(backend, shape, epilogue):
+    m, k, n = shape
+    r = rng()
+    weight = r.standard_normal((n, k)).astype(np.float32)
+    bias = r.standard_normal(n).astype(np.float32)
+    x = r.standard_normal((m, k)).astype(np.float32)
+    check_linear(kernels.Linear(weight, bias, backend=backend), x, weight, bias, epilogue)
