@@ -201,6 +201,10 @@ def main(argv=None):
     except OSError:
         load = None
     print(f"load average at start: {load}")
+    if load is not None and load[0] > os.cpu_count():
+        print(f"WARNING: load average {load[0]:.1f} exceeds the {os.cpu_count()} CPUs: other processes are "
+              f"competing for the cores and multi-threaded timings will be noisy (--threads 1 measures "
+              f"per-thread CPU time, which is robust to that).", file=sys.stderr)
 
     results = {"command": " ".join([sys.executable] + sys.argv), "threads": threads, "blas": blas,
                "threading_layer": layer, "clock": "thread_time" if threads == 1 else "perf_counter",
