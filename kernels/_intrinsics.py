@@ -128,3 +128,23 @@ def make_column_softmax(width):
         return sig, codegen
 
     return softmax_columns
+
+
+@intrinsic
+def prefetch_read(typingctx, arr, index):
+    """Software prefetch of arr[index] (into all cache levels) for strided walks the hardware misses."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1) or not isinstance(index, types.Integer):
+        return None
+    sig = types.void(arr, types.int64)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i8p = ir.PointerType(ir.IntType(8))
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), i8p)
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen

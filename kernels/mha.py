@@ -16,13 +16,14 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from ._aligned import aligned_empty
-from ._intrinsics import make_column_softmax
+from ._intrinsics import make_column_softmax, prefetch_read
 from ._microkernel import make_microkernel
 from .elementwise import check_f32_contiguous
 
 MR = 12   # keys per micro-tile of S^T
 QB = 32   # queries per block = micro-tile width
 OR = 8    # queries per micro-tile of O (QB = 4 * OR)
+PREFETCH_ROWS = 8  # qkv rows are 3*D floats apart (a new page each): fetch ahead of the strided walk
 _micro_scores = make_microkernel(MR, QB)
 _micro_out = make_microkernel(OR, QB)
 _softmax_columns = make_column_softmax(QB)
@@ -40,6 +41,10 @@ def _pack_keys(qkv_flat, row0, ld, col0, seq, head_dim, scale, k_panels):
         base = panel * head_dim * MR
         for i in range(MR):
             j = panel * MR + i
+            if j + PREFETCH_ROWS < seq:
+                ahead = row0 + (j + PREFETCH_ROWS) * ld + col0
+                for line in range(0, head_dim, 16):
+                    prefetch_read(qkv_flat, ahead + line)
             if j < seq:
                 src = row0 + j * ld + col0
                 for d in range(head_dim):
@@ -53,6 +58,9 @@ def _pack_keys(qkv_flat, row0, ld, col0, seq, head_dim, scale, k_panels):
 def _pack_queries_transposed(qkv_flat, start, ld, queries, head_dim, q_t):
     """q_t[d][i] = Q[i, d] for i < queries (zero columns up to QB)."""
     for i in range(queries):
+        if i + PREFETCH_ROWS < queries:
+            for line in range(0, head_dim, 16):
+                prefetch_read(qkv_flat, start + (i + PREFETCH_ROWS) * ld + line)
         src = start + i * ld
         for d in range(head_dim):
             q_t[d * QB + i] = qkv_flat[src + d]
