@@ -1,4 +1,7 @@
-"""LLVM-level helpers Numba does not expose: building 2**n from exponent bits (for a vectorisable exp)."""
+"""LLVM-level helpers Numba does not expose: building 2**n from exponent bits (for a vectorisable exp).
+Numba's on-disk cache (cache=True) is keyed on the source file of each jitted *caller*, so after editing
+this file delete kernels/__pycache__/*.nbi and *.nbc, or the callers keep their old machine code.
+"""
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils

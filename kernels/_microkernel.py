@@ -5,6 +5,9 @@ LLVM cannot promote it to registers).  Here the accumulators are SSA vector valu
 loop by phi nodes, so the register allocator keeps all of them in zmm registers and each k step is
 NR/16 vector loads of B, MR broadcasts of A and MR*NR/16 FMAs (check with `.inspect_asm()`: the loop
 body is vbroadcastss / vmovups / vfmadd231ps on zmm registers, no spills).
+
+Numba's on-disk cache (cache=True) is keyed on the source file of each jitted *caller*, so after editing
+this file delete kernels/__pycache__/*.nbi and *.nbc, or the callers keep their old machine code.
 """
 from llvmlite import ir
 from numba import types
