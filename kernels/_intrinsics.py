@@ -1,4 +1,6 @@
-"""LLVM-level helpers Numba does not expose: building 2**n from exponent bits (for a vectorisable exp).
+"""LLVM-level helpers Numba does not expose: 2**n from exponent bits (for a vectorisable exp), a
+vectorisable max, a register-resident column softmax, software prefetch.
+
 Numba's on-disk cache (cache=True) is keyed on the source file of each jitted *caller*, so after editing
 this file delete kernels/__pycache__/*.nbi and *.nbc, or the callers keep their old machine code.
 """
