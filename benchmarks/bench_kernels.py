@@ -36,17 +36,18 @@ def timed(fn, reps):
     return statistics.median(times), min(times), max(times), len(times)
 
 
-def timed_pair(fns, reps):
-    """Like timed() for several functions, interleaved run by run so load bursts hit all of them."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = CLOCK()
-            fn()
-            times[name].append(CLOCK() - start)
-    return {name: (statistics.median(t), min(t), max(t), len(t)) for name, t in times.items()}
+def timed_blocks(fns, reps, settle=0.25):
+    """timed() for several functions, one block each, with a pause before every block.
+
+    Not interleaved: OpenBLAS worker threads keep spinning for tens of milliseconds after each call
+    (OPENBLAS_THREAD_TIMEOUT, 2**28 cycles by default), and a Numba call made in that window shares its
+    cores with them and runs at about half speed.  The pause lets either pool go idle first.
+    """
+    result = {}
+    for name, fn in fns.items():
+        time.sleep(settle)
+        result[name] = timed(fn, reps)
+    return result
 
 
 def blas_info():
@@ -69,7 +70,7 @@ def bench_gemm(batches, reps, kernels):
             row = {"batch": batch, "name": name, "M": m, "K": k, "N": n}
             # Pure GEMM (no bias / epilogue): the kernels themselves, not the epilogue passes.
             layers = {backend: kernels.Linear(weight, None, backend=backend) for backend in ("numba", "blas")}
-            stats = timed_pair({b: (lambda lin=lin: lin(x, out)) for b, lin in layers.items()}, reps)
+            stats = timed_blocks({b: (lambda lin=lin: lin(x, out)) for b, lin in layers.items()}, reps)
             for backend, (med, lo, hi, count) in stats.items():
                 row[backend] = {"median_ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3, "reps": count,
                                 "gflops_median": flops / med / 1e9, "gflops_best": flops / lo / 1e9}
@@ -95,6 +96,7 @@ def bench_epilogues(reps, kernels):
     for backend in ("numba", "blas"):
         lin = kernels.Linear(weight, bias, backend=backend)
         for epilogue in ("none", "gelu", "add"):
+            time.sleep(0.25)
             med, lo, hi, count = timed(lambda: lin(x, out, epilogue), reps)
             result[f"{backend}_{epilogue}_ms"] = med * 1e3
     print("  fc1 B=1 epilogues (median ms): " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in result.items()))
@@ -107,6 +109,7 @@ def bench_attention(batches, reps, kernels):
     for batch in batches:
         qkv = rng.standard_normal((batch, SEQ, 3 * WIDTH), dtype=np.float32)
         out = np.empty((batch, SEQ, WIDTH), np.float32)
+        time.sleep(0.25)
         med, lo, hi, count = timed(lambda: kernels.attention(qkv, out, HEADS), reps)
         # Reference: the same computation with NumPy batched matmuls (materialises the score tensor).
         q, k, v = (qkv[..., i * WIDTH:(i + 1) * WIDTH].reshape(batch, SEQ, HEADS, -1).transpose(0, 2, 1, 3)
@@ -121,6 +124,7 @@ def bench_attention(batches, reps, kernels):
             s /= s.sum(-1, keepdims=True)
             return np.matmul(s, vc)
 
+        time.sleep(0.25)
         nmed, nlo, nhi, _ = timed(numpy_attention, reps)
         flops = 4.0 * batch * SEQ * SEQ * WIDTH
         row = {"batch": batch, "median_ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3,
@@ -140,6 +144,7 @@ def bench_elementwise(batches, reps, kernels):
         gamma = rng.standard_normal(WIDTH, dtype=np.float32)
         beta = rng.standard_normal(WIDTH, dtype=np.float32)
         out = np.empty_like(x)
+        time.sleep(0.25)
         ln_med, *_ = timed(lambda: kernels.layernorm(x, gamma, beta, 1e-6, out), reps)
         hidden = rng.standard_normal((m, 4 * WIDTH), dtype=np.float32)
         work = hidden.copy()

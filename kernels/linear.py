@@ -9,6 +9,7 @@ from .elementwise import check_f32_contiguous
 
 BACKENDS = ("auto", "numba", "blas")
 AUTO_REPEATS = 5
+AUTO_SETTLE_SECONDS = 0.1  # > OpenBLAS's default worker spin time (2**28 cycles)
 AUTO_BLAS_MARGIN = 0.9  # auto picks BLAS only when it is at least 10% faster
 
 # (M, K, N) -> "numba" | "blas", shared by all Linear layers: the twelve blocks of a ViT have identical
@@ -64,14 +65,18 @@ class Linear:
         rng = np.random.default_rng(0)
         x = rng.standard_normal((rows, self.in_features), dtype=np.float32)
         out = np.empty((rows, self.out_features), np.float32)
+        times = {}
         for name in ("numba", "blas"):
+            # One block per backend after a pause: OpenBLAS workers spin for tens of milliseconds after
+            # each call, and Numba timed inside that window would see half the cores.
+            time.sleep(AUTO_SETTLE_SECONDS)
             self._run(name, x, out, "none")  # compile / warm up
-        times = {"numba": [], "blas": []}
-        for _ in range(AUTO_REPEATS):  # interleaved, so a burst of load from elsewhere hits both
-            for name in times:
+            times[name] = []
+            for _ in range(AUTO_REPEATS):
                 start = time.perf_counter()
                 self._run(name, x, out, "none")
                 times[name].append(time.perf_counter() - start)
+        time.sleep(AUTO_SETTLE_SECONDS)
         best = {name: min(t) for name, t in times.items()}
         # BLAS must win clearly: the rest of a forward pass runs on Numba's thread pool, and switching
         # between two pools costs more than a few percent of GEMM speed on a busy machine.
