@@ -95,6 +95,8 @@ class Linear:
             raise ValueError(f"Linear: out must be {(x.shape[0], self.out_features)}, got {out.shape}")
         if epilogue not in _gemm.EPILOGUES:
             raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {tuple(_gemm.EPILOGUES)}")
+        if np.may_share_memory(x, out):
+            raise ValueError("Linear: out must not overlap x (the product is written while x is read)")
         self._run(self.backend_for(x.shape[0]), x, out, epilogue)
         return out
 

@@ -335,6 +335,10 @@ def test_linear_validates_inputs():
         lin(np.zeros((2, 3), np.float32), np.zeros((2, 5), np.float32))
     with pytest.raises(ValueError):
         lin(np.zeros((2, 3), np.float32), out, epilogue="relu")
+    square = kernels.Linear(np.zeros((4, 4), np.float32), backend="numba")
+    buffer = np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError):
+        square(buffer, buffer)
     with pytest.raises(ValueError):
         kernels.Linear(np.zeros((4, 3), np.float32), backend="cuda")
     with pytest.raises(ValueError):
