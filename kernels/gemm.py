@@ -194,13 +194,16 @@ def _gemm_tasks(x, w_t, bias, has_bias, out, epilogue, row_split, col_split, a_b
                       r1 - r0 >= PACK_B_MIN_ROWS)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+# The BLAS path's epilogues run serially on the calling thread on purpose: right after sgemm returns,
+# OpenBLAS's worker threads keep spinning on the other cores for tens of milliseconds, and a parallel
+# Numba region started then would share its cores with them (measured: 3x slower than serial).
+
+
+@njit(cache=True, fastmath=True)
 def apply_epilogue_inplace(out, bias, has_bias, epilogue):
     """For the BLAS path: out already holds x @ w_t; add bias and apply GELU in one pass."""
     rows, cols = out.shape
-    out_flat = out.reshape(-1)
-    for i in prange(rows):
-        _finish_tile(out_flat, cols, i, 1, 0, cols, bias, has_bias, epilogue)
+    _finish_tile(out.reshape(-1), cols, 0, rows, 0, cols, bias, has_bias, epilogue)
 
 
 @njit(cache=True, fastmath=True)
@@ -213,10 +216,10 @@ def _add_rows_serial(out_row, product_row, bias, has_bias):
             out_row[j] += product_row[j]
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True)
 def add_product_inplace(out, product, bias, has_bias):
     """For the BLAS path's residual epilogue: out += product + bias."""
-    for i in prange(out.shape[0]):
+    for i in range(out.shape[0]):
         _add_rows_serial(out[i], product[i], bias, has_bias)
 
 
