@@ -1,4 +1,5 @@
 """Linear layer (x @ W^T + b) with a NumPy/BLAS backend, a Numba backend and per-shape auto selection."""
+import os
 import threading
 import time
 
@@ -10,7 +11,22 @@ from .elementwise import check_f32_contiguous
 BACKENDS = ("auto", "numba", "blas")
 AUTO_REPEATS = 5
 AUTO_SETTLE_SECONDS = 0.1  # > OpenBLAS's default worker spin time (2**28 cycles)
-AUTO_BLAS_MARGIN = 0.9  # auto picks BLAS only when it is at least 10% faster
+
+
+def blas_margin():
+    """How much faster (in isolation) BLAS must be for auto to pick it over the Numba GEMM.
+
+    Every other kernel of a forward pass runs on Numba's OpenMP pool.  By default OpenBLAS workers spin
+    ~60 ms after each call and OpenMP workers spin after each region, so alternating pools costs the
+    kernel after every switch up to half its speed (ViT-B, 2 cores: a BLAS-backed forward took 354 ms vs
+    104 ms all-Numba at batch 1).  With OPENBLAS_THREAD_TIMEOUT<=10 and OMP_WAIT_POLICY=passive (set
+    before the libraries load) both pools sleep at once and a 10% win is real.
+    """
+    timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")
+    quick_blas = timeout.isdigit() and int(timeout) <= 10
+    passive_omp = os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive"
+    return 0.9 if quick_blas and passive_omp else 0.5
+
 
 # (M, K, N) -> "numba" | "blas", shared by all Linear layers: the twelve blocks of a ViT have identical
 # shapes, so timing once per shape is enough and keeps every layer on the same choice.
@@ -78,9 +94,7 @@ class Linear:
                 times[name].append(time.perf_counter() - start)
         time.sleep(AUTO_SETTLE_SECONDS)
         best = {name: min(t) for name, t in times.items()}
-        # BLAS must win clearly: the rest of a forward pass runs on Numba's thread pool, and switching
-        # between two pools costs more than a few percent of GEMM speed on a busy machine.
-        choice = "blas" if best["blas"] < AUTO_BLAS_MARGIN * best["numba"] else "numba"
+        choice = "blas" if best["blas"] < blas_margin() * best["numba"] else "numba"
         _auto_timings[key] = best
         _auto_choice[key] = choice
         return choice
@@ -128,6 +142,7 @@ class Linear:
                                 **{f"{name}_ms": round(t * 1e3, 3) for name, t in timing.items()}}
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "backend": self.backend, "auto_choices": shapes,
+                "auto_blas_margin": blas_margin(),
                 "weight_bytes": int(self.weight_t.nbytes)}
 
     def __repr__(self):
