@@ -5,9 +5,18 @@
     clf.classify("cats.jpg")   # [{"label": ..., "score": ...}, ...]
 """
 
-from . import errors
-from .classifier import Classifier, classify, load
-from .errors import (
+import os
+
+# Numba's OpenMP pool and OpenBLAS's pool take turns layer by layer; by default each spins for a while after its
+# work (OpenBLAS ~60 ms), stealing the cores the other pool needs next: measured 3.4x slower forward passes.
+# Both are read when the libraries load, hence before anything imports numpy or numba. setdefault: a user's own
+# setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from . import errors  # noqa: E402
+from .classifier import Classifier, classify, load  # noqa: E402
+from .errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
     ImageError,

@@ -105,14 +105,12 @@ _STOP = object()
 class EngineWorker:
     """One model and the one thread that runs its forward passes."""
 
-    def __init__(self, name: str, classifier, options: BatchingOptions, threads: int | None = None,
-                 aliases: tuple[str, ...] = ()):
+    def __init__(self, name: str, classifier, options: BatchingOptions, aliases: tuple[str, ...] = ()):
         self.name = name
         self.classifier = classifier
         self.options = options
         self.aliases = aliases
         self.cache_identity = (name, classifier.revision)
-        self._threads = threads
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         # Requests admitted but not yet in a forward pass (being decoded, or waiting in _jobs).
         self._waiting = 0
@@ -173,11 +171,7 @@ class EngineWorker:
     # ------------------------------------------------------------------ the engine thread
 
     def _run(self) -> None:
-        if self._threads is not None:
-            # Numba's thread count is per calling thread: set it here, where the forward passes run.
-            from . import kernels
-
-            kernels.set_num_threads(self._threads)
+        # The classifier applies its thread count in whichever thread runs the forward pass.
         while True:
             first = self._jobs.get()
             if first is _STOP:
@@ -307,7 +301,7 @@ class ModelRegistry:
             with FORWARD_LOCK:
                 seconds = clf.warmup(sizes)
             log.info("model %s warmed up for batch sizes %s in %.1fs", name, sizes, seconds)
-        return EngineWorker(name, clf, self.options, threads=self.threads, aliases=aliases)
+        return EngineWorker(name, clf, self.options, aliases=aliases)
 
     # ------------------------------------------------------------------ lookup
 

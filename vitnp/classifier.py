@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-import numba
-
 from . import kernels
 from .config import ViTConfig, load_config
 from .errors import ConfigError, ParameterError
@@ -33,14 +31,16 @@ MAX_FORWARD_BATCH = 16
 
 class Classifier:
     def __init__(self, location: ModelLocation, config: ViTConfig, processor: PreprocessorConfig,
-                 backend: str = "auto", load_seconds: float | None = None):
+                 backend: str = "auto", threads: int | None = None):
         self.location = location
         self.config = config
         self.processor = processor
         self.backend = backend
+        # set_num_threads clamps to the cores Numba was started with.
+        self.threads = kernels.set_num_threads(threads) if threads is not None else None
         t0 = time.perf_counter()
         self.weights = load_weights(location.path, config, backend=backend)
-        self.load_seconds = load_seconds if load_seconds is not None else time.perf_counter() - t0
+        self.load_seconds = time.perf_counter() - t0
         self._workspace = Workspace(config)
         # One workspace per classifier: concurrent callers take turns on the forward pass.
         self._lock = threading.Lock()
@@ -83,6 +83,9 @@ class Classifier:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], c.num_labels), np.float32)
         with self._lock:
+            if self.threads is not None and kernels.get_num_threads() != self.threads:
+                # Numba's thread count belongs to the calling Python thread (a server worker, say).
+                kernels.set_num_threads(self.threads)
             for start in range(0, x.shape[0], MAX_FORWARD_BATCH):
                 chunk = x[start:start + MAX_FORWARD_BATCH]
                 out[start:start + len(chunk)] = forward(self.weights, c, chunk, self._workspace)
@@ -114,7 +117,7 @@ class Classifier:
         w = self.weights
         linears = {"patch_embed": w.patch_embed, "qkv": w.layers[0].qkv, "attn_out": w.layers[0].attn_out,
                    "fc1": w.layers[0].fc1, "fc2": w.layers[0].fc2, "head": w.heads[0]}
-        return {"backend": self.backend, "threads": numba.get_num_threads(),
+        return {"backend": self.backend, "threads": self.threads or kernels.get_num_threads(),
                 "layers": {name: lin.report() for name, lin in linears.items()}}
 
 
@@ -124,19 +127,14 @@ def load(model: str | os.PathLike, revision: str | None = None, token: str | boo
     """Load a ViT/DeiT image classifier: a Hub id, a local directory, or "bundled:<name>"."""
     if backend not in BACKENDS:
         raise ParameterError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ParameterError(f"threads must be a positive integer, got {threads!r}")
-        kernels.set_num_threads(threads)
-    t0 = time.perf_counter()
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ParameterError(f"threads must be a positive integer, got {threads!r}")
     location = locate(model, revision, token, cache_dir, local_files_only, progress)
     config = load_config(location.path / "config.json")
     processor_path = Path(location.path) / "preprocessor_config.json"
     processor = (load_preprocessor_config(processor_path, config.model_type) if processor_path.is_file()
                  else default_preprocessor_config(config.model_type))
-    clf = Classifier(location, config, processor, backend)
-    clf.load_seconds = time.perf_counter() - t0
-    return clf
+    return Classifier(location, config, processor, backend, threads)
 
 
 _loaded: dict[tuple, Classifier] = {}
