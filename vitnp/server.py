@@ -41,6 +41,7 @@ from .batching import (
     ModelUnavailableError,
     QueueFullError,
 )
+from .cli import positive_int
 from .errors import ImageError, ModelNotFoundError, OfflineError, ParameterError, VitnpError
 
 log = logging.getLogger("vitnp.server")
@@ -327,16 +328,6 @@ def create_app(service: InferenceService, token: str | None = None, max_body_byt
 # --------------------------------------------------------------------------- command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -366,10 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "directory as /models/NAME (a directory also answers to its own directory name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-batch-size", type=_positive_int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--max-wait-ms", type=_non_negative_float, default=5.0,
                    help="how long a forward pass waits for its batch to fill (default 5 ms)")
-    p.add_argument("--max-queue", type=_positive_int, default=64,
+    p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests per model waiting for the engine before new ones get 429 (default 64)")
     p.add_argument("--load-on-demand", action="store_true",
                    help="load other Hub ids / bundled models on their first request (503 + estimated_time "
@@ -378,14 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"require 'Authorization: Bearer <token>' with the token in environment variable VAR "
                         f"(default: {DEFAULT_TOKEN_ENV} if set, else no authentication)")
     p.add_argument("--max-body-mb", type=_positive_float, default=20.0, help="largest request body (default 20 MB)")
-    p.add_argument("--max-image-pixels", type=_positive_int, default=None,
+    p.add_argument("--max-image-pixels", type=positive_int, default=None,
                    help="largest image (width x height) accepted; bigger ones get 400 (default: Pillow's "
                         "decompression-bomb limit, about 89 million)")
     p.add_argument("--revision", help="Hub revision for the Hub models (default: main)")
     p.add_argument("--cache-size", type=int, default=1024,
                    help="results kept in the LRU result cache (default 1024; 0 disables it)")
-    p.add_argument("--threads", type=_positive_int, help="compute threads per forward pass (default: all cores)")
-    p.add_argument("--decode-threads", type=_positive_int, default=2,
+    p.add_argument("--threads", type=positive_int, help="compute threads per forward pass (default: all cores)")
+    p.add_argument("--decode-threads", type=positive_int, default=2,
                    help="threads decoding and preprocessing images (default 2)")
     p.add_argument("--backend", choices=["auto", "numba", "blas"], default="auto", help="GEMM backend")
     p.add_argument("--body-timeout", type=_positive_float, default=30.0,
