@@ -131,8 +131,9 @@ def _finish_tile(out_flat, ldc, row, rows, col, cols, bias, has_bias, epilogue):
 
 @njit(cache=True, fastmath=True)
 def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_total, epilogue,
-              r0, r1, c0, c1, a_buf, b_buf, pack_b):
+              r0, r1, c0, c1, a_buf, b_buf, pack_b, prepacked):
     row_block = _row_block(r1 - r0)
+    padded_cols = _cdiv(cols_total, NR) * NR
     for m0 in range(r0, r1, row_block):
         m1 = min(m0 + row_block, r1)
         row_panels = _cdiv(m1 - m0, MR)
@@ -145,7 +146,9 @@ def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_
                 s1 = min(s0 + NCS, c1)
                 col_panels = _cdiv(s1 - s0, NR)
                 full_col_panels = (s1 - s0) // NR
-                if pack_b:
+                if prepacked:
+                    pass
+                elif pack_b:
                     _pack_b(w_flat, cols_total, k0, kc, s0, s1 - s0, b_buf)
                 elif full_col_panels < col_panels:
                     # Only the ragged last panel is packed (reading it in place would run off the row).
@@ -158,7 +161,9 @@ def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_
                     for jp in range(col_panels):
                         col = s0 + jp * NR
                         cols = min(NR, s1 - col)
-                        if pack_b:
+                        if prepacked:
+                            b, b_off, ldb = w_flat, k0 * padded_cols + (col // NR) * kc * NR, NR
+                        elif pack_b:
                             b, b_off, ldb = b_buf, jp * kc * NR, NR
                         elif cols == NR:
                             b, b_off, ldb = w_flat, k0 * cols_total + col, cols_total
@@ -173,11 +178,10 @@ def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def _gemm_tasks(x, w_t, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, b_bufs):
+def _gemm_tasks(x, w_flat, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, b_bufs, prepacked):
     rows, depth = x.shape
     cols = out.shape[1]
     x_flat = x.reshape(-1)
-    w_flat = w_t.reshape(-1)
     out_flat = out.reshape(-1)
     col_tasks = _cdiv(cols, col_split)
     tasks = _cdiv(rows, row_split) * col_tasks
@@ -191,7 +195,7 @@ def _gemm_tasks(x, w_t, bias, has_bias, out, epilogue, row_split, col_split, a_b
             r1 = min(r0 + row_split, rows)
             _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows, depth, cols, epilogue,
                       r0, r1, c0, min(c0 + col_split, cols), a_bufs[w], b_bufs[w],
-                      r1 - r0 >= PACK_B_MIN_ROWS)
+                      r1 - r0 >= PACK_B_MIN_ROWS, prepacked)
 
 
 # The BLAS path's epilogues run serially on the calling thread on purpose: right after sgemm returns,
@@ -281,5 +285,74 @@ def gemm(x, w_t, bias, out, epilogue):
     b_size = min(KC, depth) * _round_up(min(NCS, col_split), NR)
     a_bufs, b_bufs = _buffers(workers, a_size, b_size)
     has_bias = bias is not None
-    _gemm_tasks(x, w_t, bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
-                row_split, col_split, a_bufs, b_bufs)
+    _gemm_tasks(x, w_t.reshape(-1), bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
+                row_split, col_split, a_bufs, b_bufs, False)
+
+
+def pack_weight(w_t):
+    """(K, N) weight -> the micro-kernel's B layout, flat, 64-byte aligned: K is cut into the GEMM's KC
+    slabs and each slab is stored as NR-column panels, each panel k row after k row (columns past N are
+    zero): element (k, n) of slab s = k // KC sits at s*KC*Np + (n // NR)*kc*NR + (k % KC)*NR + n % NR,
+    Np = N rounded up to NR, kc = that slab's depth.
+
+    The micro-kernel then streams each B panel sequentially, and a worker's share of a slab is one
+    contiguous run, instead of 128-byte pieces of w_t rows 3-12 KiB apart.  (Panels spanning all of K
+    were tried: with K=3072 the panels start 384 KiB apart, all on the same L2 sets, and fc2 got slower.)
+    """
+    depth, cols = w_t.shape
+    padded = _cdiv(cols, NR) * NR
+    packed = aligned_empty(1, max(1, depth * padded))[0]
+    _pack_panels(w_t, padded, packed)
+    return packed
+
+
+@njit(cache=True)
+def _pack_panels(w_t, padded, packed):
+    depth, cols = w_t.shape
+    packed[:] = 0.0
+    for k0 in range(0, depth, KC):
+        kc = min(KC, depth - k0)
+        for panel in range(padded // NR):
+            base = k0 * padded + panel * kc * NR
+            c0 = panel * NR
+            for p in range(kc):
+                for j in range(min(NR, cols - c0)):
+                    packed[base + p * NR + j] = w_t[k0 + p, c0 + j]
+
+
+@njit(cache=True)
+def _unpack_panels(packed, w_t):
+    depth, cols = w_t.shape
+    padded = _cdiv(cols, NR) * NR
+    for k0 in range(0, depth, KC):
+        kc = min(KC, depth - k0)
+        for panel in range(padded // NR):
+            base = k0 * padded + panel * kc * NR
+            c0 = panel * NR
+            for p in range(kc):
+                for j in range(min(NR, cols - c0)):
+                    w_t[k0 + p, c0 + j] = packed[base + p * NR + j]
+
+
+def unpack_weight(packed, depth, cols):
+    """pack_weight's inverse: the (K, N) float32 C-contiguous weight."""
+    w_t = np.empty((depth, cols), np.float32)
+    _unpack_panels(packed, w_t)
+    return w_t
+
+
+def gemm_packed(x, packed, cols, bias, out, epilogue):
+    """gemm() with the weight already in pack_weight()'s panel layout (`cols` = N)."""
+    rows, depth = x.shape
+    if rows == 0 or cols == 0:
+        return
+    if depth == 0:
+        _finish_empty(out, bias, epilogue)
+        return
+    workers = get_num_threads()
+    row_split, col_split = plan(rows, cols, workers)
+    a_size = _row_block(row_split) * min(KC, depth)
+    a_bufs, b_bufs = _buffers(workers, a_size, 1)
+    has_bias = bias is not None
+    _gemm_tasks(x, packed, bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
+                row_split, col_split, a_bufs, b_bufs, True)

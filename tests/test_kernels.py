@@ -287,7 +287,7 @@ def test_linear_float16_weight(backend):
     bias = r.standard_normal(96).astype(np.float16)
     x = r.standard_normal((197, 80)).astype(np.float32)
     lin = kernels.Linear(weight, bias, backend=backend)
-    assert lin.weight_t.dtype == np.float32 and lin.weight_t.flags.c_contiguous
+    assert lin.weight_array.dtype == np.float32 and lin.weight_array.flags.c_contiguous
     check_linear(lin, x, weight.astype(np.float64), bias.astype(np.float64), "gelu")
 
 
@@ -300,11 +300,78 @@ def test_linear_memmapped_read_only_weight_is_not_retained(tmp_path):
     lin = kernels.Linear(mapped, None, backend="numba")
     x = r.standard_normal((9, 24)).astype(np.float32)
     check_linear(lin, x, weight, None, "none")
-    # One float32 (K, N) copy is the only weight-sized array the layer holds.
-    arrays = [v for v in vars(lin).values() if isinstance(v, np.ndarray) and v.size >= weight.size]
-    assert len(arrays) == 1 and arrays[0].shape == (24, 40)
+    # One float32 copy, in the Numba GEMM's panel layout, is the only weight-sized array the layer holds.
+    assert lin.weight_layout == "panels"
+    arrays = _weight_sized_arrays(lin, weight.size)
+    assert len(arrays) == 1 and arrays[0] is lin.weight_array
     assert not np.shares_memory(arrays[0], mapped)
     assert lin.in_features == 24 and lin.out_features == 40
+
+
+def _weight_sized_arrays(lin, size):
+    """Every ndarray of at least `size` elements reachable from the layer's attributes (incl. tuples)."""
+    found = []
+    for value in vars(lin).values():
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, np.ndarray) and item.size >= size:
+                found.append(item)
+    return found
+
+
+@pytest.mark.parametrize("backend,layout", [("numba", "panels"), ("blas", "k_by_n"), ("auto", "k_by_n")])
+def test_linear_holds_one_weight_copy_per_backend(backend, layout):
+    weight = rng().standard_normal((70, 45)).astype(np.float32)
+    lin = kernels.Linear(weight, None, backend=backend)
+    assert lin.weight_layout == layout
+    assert len(_weight_sized_arrays(lin, weight.size)) == 1
+    assert lin.report()["weight_layout"] == layout
+
+
+def test_pack_weight_round_trips_and_pads_with_zeros():
+    kc, nr = gemm_module.KC, gemm_module.NR
+    depth = kc + 7
+    w_t = rng().standard_normal((depth, 70)).astype(np.float32)
+    packed = gemm_module.pack_weight(w_t)
+    padded = -(-70 // nr) * nr
+    assert packed.size >= depth * padded and packed.ctypes.data % 64 == 0
+    # Third panel of the second (7-deep) K slab: w_t[kc:, 2*nr:] then zero columns.
+    start = kc * padded + 2 * 7 * nr
+    panel = packed[start:start + 7 * nr].reshape(7, nr)
+    np.testing.assert_array_equal(panel[:, :70 - 2 * nr], w_t[kc:, 2 * nr:])
+    assert not panel[:, 70 - 2 * nr:].any()
+    np.testing.assert_array_equal(gemm_module.unpack_weight(packed, depth, 70), w_t)
+
+
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "add"])
+@pytest.mark.parametrize("rows,depth,cols", [(197, 600, 70), (13, 5, 32), (400, 260, 100), (1, 1, 1)])
+def test_gemm_packed_matches_numpy(threads, epilogue, rows, depth, cols):
+    r = rng()
+    w_t = r.standard_normal((depth, cols)).astype(np.float32)
+    bias = r.standard_normal(cols).astype(np.float32)
+    x = r.standard_normal((rows, depth)).astype(np.float32)
+    start = r.standard_normal((rows, cols)).astype(np.float32)
+    out = start.copy()
+    gemm_module.gemm_packed(x, gemm_module.pack_weight(w_t), cols, bias, out, epilogue)
+    expected = x.astype(np.float64) @ w_t + bias
+    if epilogue == "gelu":
+        expected = gelu_reference(expected)
+    elif epilogue == "add":
+        expected = expected + start
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * math.sqrt(depth))
+
+
+def test_linear_auto_keeps_one_copy_while_switching_layouts():
+    r = rng()
+    weight = r.standard_normal((40, 24)).astype(np.float32)
+    bias = r.standard_normal(40).astype(np.float32)
+    x = r.standard_normal((5, 24)).astype(np.float32)
+    lin = kernels.Linear(weight, bias)
+    for choice in ("numba", "blas", "numba"):
+        lin._adapt_layout(choice)
+        check_linear(lin, x, weight, bias, "add")
+        assert len(_weight_sized_arrays(lin, weight.size)) == 1
+    # Once BLAS has been chosen the layer stays in the layout both backends read.
+    assert lin.weight_layout == "k_by_n"
 
 
 def test_linear_auto_picks_and_reports_a_backend(threads):
