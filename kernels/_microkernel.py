@@ -25,116 +25,136 @@ _VEC = ir.VectorType(_F32, LANES)
 _MASK = ir.VectorType(_I1, LANES)
 
 
-def make_microkernel(mr, nr):
+def make_microkernel(mr, nr, prefetch_b=False):
     """Return an intrinsic
-        kernel(a, a_off, a_row_step, a_k_step, b, b_off, ldb, c, c_off, ldc, kc, accumulate, rows, cols)
+        kernel(a, a_off, a_row_step, a_k_step, b, b_off, ldb, c, c_off, ldc, kc, accumulate, rows, cols
+               [, pf_off, pf_shift if prefetch_b])
 
     a: A panel, element (i, p) at a[a_off + i*a_row_step + p*a_k_step] (packed panels: a_row_step=1,
     a_k_step=mr); b: B panel, (p, j) at b[b_off + p*ldb + j] (ldb = nr when packed); c: flat output,
     (i, j) at c[c_off + i*ldc + j].  Computes the mr x nr product over kc steps and stores
     (accumulate=False) or adds (accumulate=True) its first `rows` rows and `cols` columns into c; a
-    ragged tile is written with masked stores, so nothing outside it is touched.  All of A's mr rows and
+    ragged tile is written with masked stores, so nothing outside it is touched.  With prefetch_b, step p of the k loop
+    also prefetches (into L2) the cache line at b[pf_off + (p >> pf_shift) * 16]: callers point it at
+    the B panel they will need next, spreading its DRAM fetch over the current panel's compute.  All of A's mr rows and
     B's nr columns are read, so panels must be padded (zeros) to full size.
     """
     if nr % LANES:
         raise ValueError(f"nr must be a multiple of {LANES}")
     vectors = nr // LANES
 
-    @intrinsic
-    def kernel(typingctx, a, a_off, a_row_step, a_k_step, b, b_off, ldb, c, c_off, ldc, kc, accumulate,
-               rows, cols):
+    def typer(a, b, c, extra):
         for arr in (a, b, c):
             if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1):
                 return None
         i64 = types.int64
-        sig = types.void(a, i64, i64, i64, b, i64, i64, c, i64, i64, i64, types.boolean, i64, i64)
+        return types.void(a, i64, i64, i64, b, i64, i64, c, i64, i64, i64, types.boolean, i64, i64,
+                          *([i64] * extra))
 
-        def codegen(context, builder, signature, args):
-            (a_arr, a_off_v, a_row_v, a_k_v, b_arr, b_off_v, ldb_v, c_arr, c_off_v, ldc_v, kc_v, acc_flag,
-             rows_v, cols_v) = args
-            a_data = context.make_array(signature.args[0])(context, builder, a_arr).data
-            b_data = context.make_array(signature.args[4])(context, builder, b_arr).data
-            c_data = context.make_array(signature.args[7])(context, builder, c_arr).data
-            a_base = builder.gep(a_data, [a_off_v])
-            a_rows = [builder.gep(a_base, [builder.mul(_const(i), a_row_v)]) for i in range(mr)]
-            b_base = builder.gep(b_data, [b_off_v])
-            c_base = builder.gep(c_data, [c_off_v])
-            c_rows = [builder.gep(c_base, [builder.mul(_const(i), ldc_v)]) for i in range(mr)]
-            full_tile = builder.and_(builder.icmp_signed(">=", rows_v, _const(mr)),
-                                     builder.icmp_signed(">=", cols_v, _const(nr)))
+    if prefetch_b:
+        @intrinsic
+        def kernel(typingctx, a, a_off, a_row_step, a_k_step, b, b_off, ldb, c, c_off, ldc, kc, accumulate,
+                   rows, cols, pf_off, pf_shift):
+            sig = typer(a, b, c, 2)
+            return None if sig is None else (sig, codegen)
+    else:
+        @intrinsic
+        def kernel(typingctx, a, a_off, a_row_step, a_k_step, b, b_off, ldb, c, c_off, ldc, kc, accumulate,
+                   rows, cols):
+            sig = typer(a, b, c, 0)
+            return None if sig is None else (sig, codegen)
 
-            # The C tile is touched only after the k loop: start pulling its lines in now so the final
-            # load/add/store does not stall on L2/L3 (rw=1: will be written, locality=3).
-            prefetch = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]), "llvm.prefetch.p0")
-            with builder.if_then(full_tile, likely=True):
-                for i in range(mr):
-                    for v in range(vectors):
-                        line = builder.bitcast(builder.gep(c_rows[i], [_const(v * LANES)]), _I8P)
-                        builder.call(prefetch, [line, ir.Constant(_I32, 1), ir.Constant(_I32, 3),
-                                                ir.Constant(_I32, 1)])
+    def codegen(context, builder, signature, args):
+        (a_arr, a_off_v, a_row_v, a_k_v, b_arr, b_off_v, ldb_v, c_arr, c_off_v, ldc_v, kc_v, acc_flag,
+         rows_v, cols_v) = args[:14]
+        a_data = context.make_array(signature.args[0])(context, builder, a_arr).data
+        b_data = context.make_array(signature.args[4])(context, builder, b_arr).data
+        c_data = context.make_array(signature.args[7])(context, builder, c_arr).data
+        a_base = builder.gep(a_data, [a_off_v])
+        a_rows = [builder.gep(a_base, [builder.mul(_const(i), a_row_v)]) for i in range(mr)]
+        b_base = builder.gep(b_data, [b_off_v])
+        c_base = builder.gep(c_data, [c_off_v])
+        c_rows = [builder.gep(c_base, [builder.mul(_const(i), ldc_v)]) for i in range(mr)]
+        full_tile = builder.and_(builder.icmp_signed(">=", rows_v, _const(mr)),
+                                 builder.icmp_signed(">=", cols_v, _const(nr)))
 
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]),
-                                                 "llvm.fma.v16f32")
-            zero = ir.Constant(_VEC, [0.0] * LANES)
-            undef_vec = ir.Constant(_VEC, ir.Undefined)
-            splat_mask = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
-
-            entry = builder.basic_block
-            loop = builder.append_basic_block("mk.loop")
-            done = builder.append_basic_block("mk.done")
-            builder.cbranch(builder.icmp_signed(">", kc_v, _const(0)), loop, done)
-
-            builder.position_at_end(loop)
-            p = builder.phi(_I64, "p")
-            p.add_incoming(_const(0), entry)
-            accs = []
-            for i in range(mr):
-                row = []
-                for v in range(vectors):
-                    phi = builder.phi(_VEC, f"acc{i}_{v}")
-                    phi.add_incoming(zero, entry)
-                    row.append(phi)
-                accs.append(row)
-            b_row = builder.gep(b_base, [builder.mul(p, ldb_v)])
-            b_vecs = [builder.load(_vector_ptr(builder, b_row, v), align=4) for v in range(vectors)]
-            a_step = builder.mul(p, a_k_v)
-            new_accs = []
-            for i in range(mr):
-                a_val = builder.load(builder.gep(a_rows[i], [a_step]), align=4)
-                a_splat = builder.shuffle_vector(builder.insert_element(undef_vec, a_val, ir.Constant(_I32, 0)),
-                                                 undef_vec, splat_mask)
-                new_accs.append([builder.call(fma, [a_splat, b_vecs[v], accs[i][v]]) for v in range(vectors)])
-            p_next = builder.add(p, _const(1))
-            loop_end = builder.basic_block
-            p.add_incoming(p_next, loop_end)
+        # The C tile is touched only after the k loop: start pulling its lines in now so the final
+        # load/add/store does not stall on L2/L3 (rw=1: will be written, locality=3).
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]), "llvm.prefetch.p0")
+        with builder.if_then(full_tile, likely=True):
             for i in range(mr):
                 for v in range(vectors):
-                    accs[i][v].add_incoming(new_accs[i][v], loop_end)
-            builder.cbranch(builder.icmp_signed("<", p_next, kc_v), loop, done)
+                    line = builder.bitcast(builder.gep(c_rows[i], [_const(v * LANES)]), _I8P)
+                    builder.call(prefetch, [line, ir.Constant(_I32, 1), ir.Constant(_I32, 3),
+                                            ir.Constant(_I32, 1)])
 
-            builder.position_at_end(done)
-            results = []
-            for i in range(mr):
-                row = []
-                for v in range(vectors):
-                    phi = builder.phi(_VEC)
-                    phi.add_incoming(zero, entry)
-                    phi.add_incoming(new_accs[i][v], loop_end)
-                    row.append(phi)
-                results.append(row)
-            with builder.if_else(full_tile, likely=True) as (whole, ragged):
-                with whole:
-                    with builder.if_else(acc_flag) as (then_add, then_store):
-                        with then_add:
-                            _store_full(builder, c_rows, results, add=True)
-                        with then_store:
-                            _store_full(builder, c_rows, results, add=False)
-                with ragged:
-                    _store_ragged(builder, c_rows, results, acc_flag, rows_v, cols_v)
-            return context.get_dummy_value()
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]),
+                                             "llvm.fma.v16f32")
+        zero = ir.Constant(_VEC, [0.0] * LANES)
+        undef_vec = ir.Constant(_VEC, ir.Undefined)
+        splat_mask = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
 
-        return sig, codegen
+        entry = builder.basic_block
+        loop = builder.append_basic_block("mk.loop")
+        done = builder.append_basic_block("mk.done")
+        builder.cbranch(builder.icmp_signed(">", kc_v, _const(0)), loop, done)
+
+        builder.position_at_end(loop)
+        p = builder.phi(_I64, "p")
+        p.add_incoming(_const(0), entry)
+        accs = []
+        for i in range(mr):
+            row = []
+            for v in range(vectors):
+                phi = builder.phi(_VEC, f"acc{i}_{v}")
+                phi.add_incoming(zero, entry)
+                row.append(phi)
+            accs.append(row)
+        if prefetch_b:
+            pf_off_v, pf_shift_v = args[14:]
+            pf_line = builder.gep(b_data, [builder.add(pf_off_v, builder.mul(builder.ashr(p, pf_shift_v),
+                                                                           _const(LANES)))])
+            builder.call(prefetch, [builder.bitcast(pf_line, _I8P), ir.Constant(_I32, 0),
+                                    ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
+        b_row = builder.gep(b_base, [builder.mul(p, ldb_v)])
+        b_vecs = [builder.load(_vector_ptr(builder, b_row, v), align=4) for v in range(vectors)]
+        a_step = builder.mul(p, a_k_v)
+        new_accs = []
+        for i in range(mr):
+            a_val = builder.load(builder.gep(a_rows[i], [a_step]), align=4)
+            a_splat = builder.shuffle_vector(builder.insert_element(undef_vec, a_val, ir.Constant(_I32, 0)),
+                                             undef_vec, splat_mask)
+            new_accs.append([builder.call(fma, [a_splat, b_vecs[v], accs[i][v]]) for v in range(vectors)])
+        p_next = builder.add(p, _const(1))
+        loop_end = builder.basic_block
+        p.add_incoming(p_next, loop_end)
+        for i in range(mr):
+            for v in range(vectors):
+                accs[i][v].add_incoming(new_accs[i][v], loop_end)
+        builder.cbranch(builder.icmp_signed("<", p_next, kc_v), loop, done)
+
+        builder.position_at_end(done)
+        results = []
+        for i in range(mr):
+            row = []
+            for v in range(vectors):
+                phi = builder.phi(_VEC)
+                phi.add_incoming(zero, entry)
+                phi.add_incoming(new_accs[i][v], loop_end)
+                row.append(phi)
+            results.append(row)
+        with builder.if_else(full_tile, likely=True) as (whole, ragged):
+            with whole:
+                with builder.if_else(acc_flag) as (then_add, then_store):
+                    with then_add:
+                        _store_full(builder, c_rows, results, add=True)
+                    with then_store:
+                        _store_full(builder, c_rows, results, add=False)
+            with ragged:
+                _store_ragged(builder, c_rows, results, acc_flag, rows_v, cols_v)
+        return context.get_dummy_value()
+
 
     kernel.mr = mr
     kernel.nr = nr

@@ -35,10 +35,13 @@ KC = 256     # K slab: an A sliver (MR x KC) is 12 KiB, an NR panel of B 32 KiB
 NCS = 768    # columns per B block: fewer, wider blocks mean fewer passes over the packed A slab
 MC_MAX = 2048          # rows of A packed per slab at most (bounds the per-worker A buffer)
 PACK_B_MIN_ROWS = 384  # below this many rows per task, read w_t in place instead of packing
+PANEL_OUTER_MAX_ROWS = 256  # pre-packed weight, up to this many rows per task: the A slab stays in L2
+LINE = 16              # float32 per cache line
+PF_SHIFT_MIN = 3       # prefetch a new line at most every 8 k steps
 
-_micro = make_microkernel(MR, NR)
-_micro8 = make_microkernel(8, NR)
-_micro4 = make_microkernel(4, NR)
+_micro = make_microkernel(MR, NR, prefetch_b=True)
+_micro8 = make_microkernel(8, NR, prefetch_b=True)
+_micro4 = make_microkernel(4, NR, prefetch_b=True)
 
 
 @njit(cache=True)
@@ -100,15 +103,21 @@ def _pack_b(w_flat, cols_total, k0, kc, col0, cols, b_buf):
 
 
 @njit(cache=True, fastmath=True)
-def _micro_rows(rows, a_buf, a_off, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, cols):
+def _micro_rows(rows, a_buf, a_off, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, cols,
+                pf_off=-1, pf_shift=63):
     """The micro-kernel for a row panel of `rows` <= MR rows: a shorter kernel for the ragged last
     panel (e.g. 197 = 16*12 + 5 rows) wastes less work on the zero padding."""
+    if pf_off < 0:  # no prefetch wanted: re-touch the panel's first line (already cached)
+        pf_off = b_off
     if rows > 8:
-        _micro(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols)
+        _micro(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols,
+               pf_off, pf_shift)
     elif rows > 4:
-        _micro8(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols)
+        _micro8(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols,
+                pf_off, pf_shift)
     else:
-        _micro4(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols)
+        _micro4(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols,
+                pf_off, pf_shift)
 
 
 @njit(cache=True, fastmath=True)
@@ -177,6 +186,41 @@ def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_
                         _finish_tile(out_flat, cols_total, row, rows, s0, s1 - s0, bias, has_bias, epilogue)
 
 
+@njit(cache=True, fastmath=True)
+def _run_task_panel_outer(x_flat, w_packed, bias, has_bias, out_flat, depth, cols_total, epilogue,
+                          r0, r1, c0, c1, a_buf):
+    """A task of few rows on a pre-packed weight, BLIS order: each B panel (KC x NR, 32 KiB) is loaded
+    once and kept in L1 while all the task's row panels (packed A slab, L2) pass over it, and meanwhile
+    the micro-kernel prefetches the next panel (contiguous in the packed layout) into L2, a few lines
+    per call, so the weight streams from DRAM evenly instead of stalling on the first row panel."""
+    rows = r1 - r0
+    row_panels = _cdiv(rows, MR)
+    padded_cols = _cdiv(cols_total, NR) * NR
+    col_panels = _cdiv(c1 - c0, NR)
+    pf_shift = PF_SHIFT_MIN
+    while (KC >> (pf_shift + 1)) * row_panels >= 2 * KC:  # sparsest prefetch whose calls still cover a panel
+        pf_shift += 1
+    for k0 in range(0, depth, KC):
+        kc = min(KC, depth - k0)
+        accumulate = k0 > 0 or epilogue == EPILOGUE_ADD
+        _pack_a(x_flat, depth, r0, rows, k0, kc, a_buf)
+        slab = k0 * padded_cols
+        for jp in range(col_panels):
+            col = c0 + jp * NR
+            cols = min(NR, c1 - col)
+            b_off = slab + (col // NR) * kc * NR
+            next_off = b_off + kc * NR  # next panel of this slab, or the first of the next slab
+            for rp in range(row_panels):
+                row = r0 + rp * MR
+                pf_off = next_off + rp * (kc >> pf_shift) * LINE
+                _micro_rows(min(MR, r1 - row), a_buf, rp * kc * MR, w_packed, b_off, NR, out_flat,
+                            row * cols_total + col, cols_total, kc, accumulate, cols, pf_off, pf_shift)
+    if has_bias or epilogue == EPILOGUE_GELU:
+        for rp in range(row_panels):
+            row = r0 + rp * MR
+            _finish_tile(out_flat, cols_total, row, min(MR, r1 - row), c0, c1 - c0, bias, has_bias, epilogue)
+
+
 @njit(cache=True, fastmath=True, parallel=True)
 def _gemm_tasks(x, w_flat, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, b_bufs, prepacked):
     rows, depth = x.shape
@@ -193,9 +237,13 @@ def _gemm_tasks(x, w_flat, bias, has_bias, out, epilogue, row_split, col_split, 
             r0 = rt * row_split
             c0 = ct * col_split
             r1 = min(r0 + row_split, rows)
-            _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows, depth, cols, epilogue,
-                      r0, r1, c0, min(c0 + col_split, cols), a_bufs[w], b_bufs[w],
-                      r1 - r0 >= PACK_B_MIN_ROWS, prepacked)
+            if prepacked and r1 - r0 <= PANEL_OUTER_MAX_ROWS:
+                _run_task_panel_outer(x_flat, w_flat, bias, has_bias, out_flat, depth, cols, epilogue,
+                                      r0, r1, c0, min(c0 + col_split, cols), a_bufs[w])
+            else:
+                _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows, depth, cols, epilogue,
+                          r0, r1, c0, min(c0 + col_split, cols), a_bufs[w], b_bufs[w],
+                          r1 - r0 >= PACK_B_MIN_ROWS, prepacked)
 
 
 # The BLAS path's epilogues run serially on the calling thread on purpose: right after sgemm returns,
