@@ -7,11 +7,12 @@
 
 import os
 
-# Numba's OpenMP pool and OpenBLAS's pool take turns layer by layer; by default each spins for a while after its
-# work (OpenBLAS ~60 ms), stealing the cores the other pool needs next: measured 3.4x slower forward passes.
-# Both are read when the libraries load, hence before anything imports numpy or numba. setdefault: a user's own
-# setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# Thread-pool waiting, read when the libraries load, hence set before anything imports numpy or numba (a user's
+# own setting wins). Numba's OpenMP workers spin briefly between kernels: a forward pass launches ~100 parallel
+# regions back to back, and sleeping after each (OMP_WAIT_POLICY=passive) cost 100 vs 80 ms at batch 1 on ViT-B.
+# The spin is kept short, and OpenBLAS's workers (which spin ~60 ms by default) sleep almost at once, so neither
+# pool holds the cores the other needs next when a forward pass mixes them (BLAS-backed layers).
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from . import errors  # noqa: E402
