@@ -3,8 +3,10 @@ import os
 import threading
 import time
 
+import numba
 import numpy as np
 
+from . import autotune_store
 from . import gemm as _gemm
 from .elementwise import check_f32_contiguous
 
@@ -87,7 +89,7 @@ class Linear:
             with _auto_lock:
                 choice = _auto_choice.get(key)
                 if choice is None:
-                    choice = self._time_backends(key)
+                    choice = self._stored_or_timed_choice(key)
         if not self._layout_final and (choice == "blas" or self._weight[0] == K_BY_N):
             self._adapt_layout(choice)
         return choice
@@ -104,6 +106,16 @@ class Linear:
                 self._layout_final = True
             elif choice == "blas":
                 self._layout_final = True
+
+    def _stored_or_timed_choice(self, key):
+        machine = autotune_store.machine_key(numba.get_num_threads(), blas_margin())
+        stored = autotune_store.load(machine, key)
+        if stored is not None:
+            _auto_choice[key], _auto_timings[key] = stored
+            return stored[0]
+        choice = self._time_backends(key)
+        autotune_store.save(machine, key, choice, _auto_timings[key])
+        return choice
 
     def _time_backends(self, key):
         """Time both backends on a synthetic weight of this shape, each in the layout it would use

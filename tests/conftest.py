@@ -8,6 +8,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_autotune_cache(tmp_path_factory):
+    """Tests time the "auto" backend afresh instead of reading the user's stored decisions."""
+    import os
+
+    os.environ["VITNP_CACHE_DIR"] = str(tmp_path_factory.mktemp("vitnp-cache"))
 from checkpoints import make_checkpoint  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

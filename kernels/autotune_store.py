@@ -1,0 +1,75 @@
+"""On-disk memory of the "auto" backend's per-shape decisions, so only a machine's first process pays the timing.
+
+A decision is valid only for the machine and set-up it was measured on, so it is filed under a key naming the CPU,
+the thread count, the BLAS build numpy uses and the pool-wait settings. The file lives in $VITNP_CACHE_DIR
+(default: $XDG_CACHE_HOME/vitnp or ~/.cache/vitnp); delete it to time again. Any I/O problem just means timing
+again: the store is an optimisation, never a failure.
+"""
+import json
+import os
+import tempfile
+import threading
+
+FILE_NAME = "gemm-auto.json"
+_lock = threading.Lock()
+_memo = {}
+
+
+def cache_path():
+    root = os.environ.get("VITNP_CACHE_DIR")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vitnp")
+    return os.path.join(root, FILE_NAME)
+
+
+def machine_key(threads, margin):
+    if "key" not in _memo:
+        from threadpoolctl import threadpool_info
+
+        cpu = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+        except OSError:
+            pass
+        blas = sorted(f"{i.get('internal_api')}-{i.get('version')}-{i.get('architecture')}"
+                      for i in threadpool_info() if i.get("user_api") == "blas")
+        _memo["key"] = f"{cpu}|{os.cpu_count()} cpus|{','.join(blas)}"
+    return f"{_memo['key']}|threads={threads}|blas_margin={margin}"
+
+
+def _shape_key(shape):
+    return "x".join(map(str, shape))
+
+
+def _read():
+    try:
+        with open(cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def load(machine, shape):
+    """(choice, {backend: seconds}) stored for this machine and (rows, K, N), or None."""
+    entry = _read().get(machine, {}).get(_shape_key(shape))
+    if not isinstance(entry, dict) or entry.get("backend") not in ("numba", "blas"):
+        return None
+    timings = entry.get("seconds") if isinstance(entry.get("seconds"), dict) else {}
+    return entry["backend"], timings
+
+
+def save(machine, shape, choice, timings):
+    with _lock:
+        data = _read()
+        data.setdefault(machine, {})[_shape_key(shape)] = {"backend": choice, "seconds": timings}
+        path = cache_path()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)  # atomic: concurrent processes never read a half-written file
+        except OSError:
+            pass
