@@ -1,0 +1,48 @@
+"""The auto backend's decisions persist on disk and are read back by later processes."""
+
+import json
+
+import numpy as np
+
+from vitnp.kernels import Linear
+from vitnp.kernels import linear as linear_module
+
+
+def test_auto_decision_is_stored_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITNP_CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(0)
+    rows, k, n = 29, 40, 24  # a shape no other test uses, so nothing is decided in memory yet
+    weight = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    expected = x @ weight.T
+
+    out = np.empty((rows, n), np.float32)
+    Linear(weight, backend="auto")(x, out)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    stored = json.loads((tmp_path / "gemm-auto.json").read_text())
+    (machine, shapes), = stored.items()
+    assert "threads=" in machine
+    timed = shapes[f"{rows}x{k}x{n}"]
+    assert timed["backend"] in ("numba", "blas") and set(timed["seconds"]) == {"numba", "blas"}
+
+    # A later process (here: the in-memory decision forgotten) takes the stored choice without timing.
+    other = "blas" if timed["backend"] == "numba" else "numba"
+    timed["backend"] = other
+    (tmp_path / "gemm-auto.json").write_text(json.dumps(stored))
+    monkeypatch.delitem(linear_module._auto_choice, (rows, k, n))
+    layer = Linear(weight, backend="auto")
+    assert layer.backend_for(rows) == other
+    layer(x, out)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unwritable_cache_dir_only_means_timing_again(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("VITNP_CACHE_DIR", str(blocker / "sub"))
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((20, 31)).astype(np.float32)
+    x = rng.standard_normal((13, 31)).astype(np.float32)
+    out = np.empty((13, 20), np.float32)
+    Linear(weight, backend="auto")(x, out)
+    np.testing.assert_allclose(out, x @ weight.T, rtol=1e-5, atol=1e-5)
