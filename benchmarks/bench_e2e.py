@@ -435,7 +435,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--reps", type=int, help="timed calls per system and batch size (default 15; 3 with --quick)")
-    p.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma-separated (default 1,8)")
+    p.add_argument("--batch-sizes", type=common.positive_int_list, default=[1, 8], help="comma-separated (default 1,8)")
     p.add_argument("--systems", type=_system_list, default=list(ALL_SYSTEMS),
                    help=f"comma-separated subset of {','.join(ALL_SYSTEMS)} (default: all)")
     p.add_argument("--quick", action="store_true", help="few reps, one warm-up call, writes e2e-quick.*")
@@ -461,16 +461,6 @@ def parse_args(argv=None):
     if args.cold_jit is None:
         args.cold_jit = [s.split("-", 1)[1] for s in args.systems if s in VITNP_SYSTEMS]
     return args
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def _system_list(text: str) -> list[str]:

@@ -260,23 +260,13 @@ def print_report(data: dict) -> None:
               f"{'PASS' if t['met'] else 'FAIL'}")
 
 
-def _client_counts(text: str) -> list[int]:
-    try:
-        counts = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive client counts, got {text!r}")
-    return counts
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--model", "--checkpoint", dest="model",
                    help="checkpoint directory (default: the cached vit-base-shaped one)")
     p.add_argument("--image", type=Path, default=common.EXAMPLE_IMAGE)
-    p.add_argument("--clients", type=_client_counts, default=[1, TARGET_CLIENTS],
+    p.add_argument("--clients", type=common.positive_int_list, default=[1, TARGET_CLIENTS],
                    help=f"comma-separated client counts (default 1,{TARGET_CLIENTS})")
     p.add_argument("--requests-per-client", type=int, help="measured requests per client and run (default 8)")
     p.add_argument("--rounds", type=int, help="rounds of engine + server measurements (default 3)")

@@ -297,3 +297,16 @@ def bar_chart(path: Path, title: str, panels: list[dict], note: str = "") -> boo
 
 def fresh_numba_cache() -> str:
     return tempfile.mkdtemp(prefix="vitnp-numba-cache-")
+
+
+def positive_int_list(text: str) -> list[int]:
+    """argparse type for options like --batch-sizes 1,8."""
+    import argparse
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
