@@ -127,3 +127,13 @@ def test_progress_bar_on_a_terminal(tiny_vit, examples_dir, tmp_path):
     assert proc.returncode == 0
     assert len(stdout.splitlines()) == 20
     assert b"20/20" in shown and b"img" in shown
+
+
+def test_closed_pipe_stops_quietly(tiny_vit, image_tree):
+    """`vitnp classify ... | head -1`: no traceback when the reader goes away."""
+    proc = subprocess.Popen([sys.executable, "-m", "vitnp", "classify", str(image_tree), "--model", str(tiny_vit),
+                             "--batch-size", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert b"Traceback" not in err and proc.returncode in (0, 141)
