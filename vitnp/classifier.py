@@ -14,7 +14,7 @@ from .config import ViTConfig, load_config
 from .errors import ConfigError, ParameterError
 from .hub import ModelLocation, locate
 from .model import Workspace, forward
-from .postprocess import DEFAULT_TOP_K, postprocess
+from .postprocess import DEFAULT_TOP_K, postprocess, validate_parameters
 from .preprocess import (
     PreprocessorConfig,
     default_preprocessor_config,
@@ -98,9 +98,7 @@ class Classifier:
         """One image -> [{"label", "score"}, ...]; a list of images -> a list of such lists."""
         single = not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
-        # Check parameters before the forward pass so a bad call fails fast.
-        postprocess(np.zeros((0, self.config.num_labels), np.float32), self.config.id2label,
-                    self.config.problem_type, top_k, function_to_apply)
+        validate_parameters(top_k, function_to_apply, self.config.num_labels)  # fail before the forward pass
         results = self.postprocess(self.logits(self.preprocess(batch)), top_k, function_to_apply)
         return results[0] if single else results
 
