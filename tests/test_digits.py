@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("sklearn")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import sklearn  # noqa: F401  (the test extra has it: a missing one must fail, not skip)
+import torch
+import transformers
 
-import vitnp  # noqa: E402
+import vitnp
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "vitnp" / "bundled" / "digits"
