@@ -63,7 +63,6 @@ def bench_gemm(batches, reps, kernels):
         m = SEQ * batch
         for name, k, n in GEMM_SHAPES:
             weight = rng.standard_normal((n, k), dtype=np.float32) * 0.02
-            bias = rng.standard_normal(n, dtype=np.float32)
             x = rng.standard_normal((m, k), dtype=np.float32)
             out = np.empty((m, n), np.float32)
             flops = 2.0 * m * k * n

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 import sklearn  # noqa: F401  (the test extra has it: a missing one must fail, not skip)
-import torch
 import transformers
 
 import vitnp
