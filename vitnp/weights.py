@@ -129,8 +129,8 @@ class _TensorFile:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
 
 
-def _open_checkpoint(model_dir: Path) -> dict[str, tuple[_TensorFile, str]]:
-    """name -> (file, name) over a single file or a sharded checkpoint."""
+def _open_checkpoint(model_dir: Path) -> dict[str, _TensorFile]:
+    """tensor name -> the file holding it, over a single file or a sharded checkpoint."""
     single, index = model_dir / SAFETENSORS, model_dir / SAFETENSORS_INDEX
     if single.is_file():
         f = _TensorFile(single)
