@@ -31,7 +31,9 @@ MAX_FORWARD_BATCH = 16
 
 class Classifier:
     def __init__(self, location: ModelLocation, config: ViTConfig, processor: PreprocessorConfig,
-                 backend: str = "auto", threads: int | None = None):
+                 backend: str = "auto", threads: int | None = None, weights=None):
+        """`weights`: an already-built ViTWeights (e.g. shared read-only arrays, see vitnp.ray) instead of
+        loading location.path's checkpoint."""
         self.location = location
         self.config = config
         self.processor = processor
@@ -39,7 +41,7 @@ class Classifier:
         # set_num_threads clamps to the cores Numba was started with.
         self.threads = kernels.set_num_threads(threads) if threads is not None else None
         t0 = time.perf_counter()
-        self.weights = load_weights(location.path, config, backend=backend)
+        self.weights = load_weights(location.path, config, backend=backend) if weights is None else weights
         self.load_seconds = time.perf_counter() - t0
         self._workspace = Workspace(config)
         # One workspace per classifier: concurrent callers take turns on the forward pass.
