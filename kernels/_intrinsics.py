@@ -45,49 +45,53 @@ def maxnum_float32(typingctx, a, b):
     return sig, codegen
 
 
-_LANES = 16
 _EXP_CONSTANTS = dict(lo=-87.0, hi=88.0, log2e=1.4426950408889634, ln2_hi=0.693359375, ln2_lo=-2.12194440e-4,
                       poly=(0.0013887316, 0.0083369026, 0.041666485, 0.16666655, 0.49999999, 1.0, 1.0))
 
 
-def _vec_const(value):
-    return ir.Constant(ir.VectorType(ir.FloatType(), _LANES), [float(value)] * _LANES)
+def _vec_const(value, lanes):
+    return ir.Constant(ir.VectorType(ir.FloatType(), lanes), [float(value)] * lanes)
 
 
-def _vector_exp(builder, x):
-    """The same range-reduced polynomial exp as elementwise.exp32, on a <16 x float>."""
+def _vector_exp(builder, x, lanes):
+    """The same range-reduced polynomial exp as elementwise.exp32, on a <lanes x float>."""
     f32 = ir.FloatType()
-    vec = ir.VectorType(f32, _LANES)
-    ivec = ir.VectorType(ir.IntType(32), _LANES)
+    vec = ir.VectorType(f32, lanes)
+    ivec = ir.VectorType(ir.IntType(32), lanes)
     module = builder.module
-    fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
-    vmax = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec]), "llvm.maxnum.v16f32")
-    vmin = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec]), "llvm.minnum.v16f32")
-    floor = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec]), "llvm.floor.v16f32")
+    name = f"v{lanes}f32"
+    fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fmuladd.{name}")
+    vmax = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec]), f"llvm.maxnum.{name}")
+    vmin = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec]), f"llvm.minnum.{name}")
+    floor = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec]), f"llvm.floor.{name}")
     c = _EXP_CONSTANTS
-    x = builder.call(vmax, [builder.call(vmin, [x, _vec_const(c["hi"])]), _vec_const(c["lo"])])
-    n = builder.call(floor, [builder.call(fma, [x, _vec_const(c["log2e"]), _vec_const(0.5)])])
-    r = builder.call(fma, [n, _vec_const(-c["ln2_hi"]), x])
-    r = builder.call(fma, [n, _vec_const(-c["ln2_lo"]), r])
-    p = _vec_const(c["poly"][0])
+
+    def const(value):
+        return _vec_const(value, lanes)
+
+    x = builder.call(vmax, [builder.call(vmin, [x, const(c["hi"])]), const(c["lo"])])
+    n = builder.call(floor, [builder.call(fma, [x, const(c["log2e"]), const(0.5)])])
+    r = builder.call(fma, [n, const(-c["ln2_hi"]), x])
+    r = builder.call(fma, [n, const(-c["ln2_lo"]), r])
+    p = const(c["poly"][0])
     for coefficient in c["poly"][1:]:
-        p = builder.call(fma, [p, r, _vec_const(coefficient)])
-    bits = builder.shl(builder.add(builder.fptosi(n, ivec), ir.Constant(ivec, [127] * _LANES)),
-                       ir.Constant(ivec, [23] * _LANES))
+        p = builder.call(fma, [p, r, const(coefficient)])
+    bits = builder.shl(builder.add(builder.fptosi(n, ivec), ir.Constant(ivec, [127] * lanes)),
+                       ir.Constant(ivec, [23] * lanes))
     return builder.fmul(p, builder.bitcast(bits, vec))
 
 
-def make_column_softmax(width):
+def make_column_softmax(width, lanes):
     """Intrinsic softmax_columns(s, offset, rows): in place, each of the `width` columns of the row-major
     block s[offset : offset + rows*width] becomes its softmax down the `rows` rows.
 
     Numba cannot keep `width` running maxima/sums in registers (they would live in an array that may
-    alias s, which defeats the vectoriser); here they are <16 x float> values, so every pass is pure
-    zmm loads, maxnum / exp polynomial FMAs and stores.
+    alias s, which defeats the vectoriser); here they are <lanes x float> values, so every pass is pure
+    vector loads, maxnum / exp polynomial FMAs and stores.
     """
-    if width % _LANES:
-        raise ValueError(f"width must be a multiple of {_LANES}")
-    vectors = width // _LANES
+    if width % lanes:
+        raise ValueError(f"width must be a multiple of {lanes}")
+    vectors = width // lanes
 
     @intrinsic
     def softmax_columns(typingctx, s, offset, rows):
@@ -98,20 +102,20 @@ def make_column_softmax(width):
         def codegen(context, builder, signature, args):
             s_arr, offset_v, rows_v = args
             f32 = ir.FloatType()
-            vec = ir.VectorType(f32, _LANES)
+            vec = ir.VectorType(f32, lanes)
             vec_ptr = vec.as_pointer()
             i64 = ir.IntType(64)
             base = builder.gep(context.make_array(signature.args[0])(context, builder, s_arr).data, [offset_v])
             vmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec]),
-                                                  "llvm.maxnum.v16f32")
+                                                  f"llvm.maxnum.v{lanes}f32")
 
             def pointer(row, v):
-                index = builder.add(builder.mul(row, ir.Constant(i64, width)), ir.Constant(i64, v * _LANES))
+                index = builder.add(builder.mul(row, ir.Constant(i64, width)), ir.Constant(i64, v * lanes))
                 return builder.bitcast(builder.gep(base, [index]), vec_ptr)
 
             maxima = [cgutils.alloca_once_value(builder, builder.load(pointer(ir.Constant(i64, 0), v), align=4))
                       for v in range(vectors)]
-            sums = [cgutils.alloca_once_value(builder, _vec_const(0.0)) for _ in range(vectors)]
+            sums = [cgutils.alloca_once_value(builder, _vec_const(0.0, lanes)) for _ in range(vectors)]
             with cgutils.for_range(builder, rows_v) as loop:
                 for v in range(vectors):
                     value = builder.load(pointer(loop.index, v), align=4)
@@ -120,10 +124,10 @@ def make_column_softmax(width):
             with cgutils.for_range(builder, rows_v) as loop:
                 for v in range(vectors):
                     ptr = pointer(loop.index, v)
-                    e = _vector_exp(builder, builder.fsub(builder.load(ptr, align=4), top[v]))
+                    e = _vector_exp(builder, builder.fsub(builder.load(ptr, align=4), top[v]), lanes)
                     builder.store(e, ptr, align=4)
                     builder.store(builder.fadd(builder.load(sums[v]), e), sums[v])
-            inverse = [builder.fdiv(_vec_const(1.0), builder.load(total)) for total in sums]
+            inverse = [builder.fdiv(_vec_const(1.0, lanes), builder.load(total)) for total in sums]
             with cgutils.for_range(builder, rows_v) as loop:
                 for v in range(vectors):
                     ptr = pointer(loop.index, v)

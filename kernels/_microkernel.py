@@ -2,9 +2,10 @@
 
 Written as plain Numba loops, the MR x NR accumulator tile lives in memory (Numba arrays may alias, so
 LLVM cannot promote it to registers).  Here the accumulators are SSA vector values carried around the k
-loop by phi nodes, so the register allocator keeps all of them in zmm registers and each k step is
-NR/16 vector loads of B, MR broadcasts of A and MR*NR/16 FMAs (check with `.inspect_asm()`: the loop
-body is vbroadcastss / vmovups / vfmadd231ps on zmm registers, no spills).
+loop by phi nodes, so the register allocator keeps all of them in vector registers and each k step is
+NR/lanes vector loads of B, MR broadcasts of A and MR*NR/lanes FMAs.  The vector width is a parameter
+(isa.py picks it and a tile that fits the register file); tests/test_kernels.py checks the k loop's
+assembly: vbroadcastss / vmovups / vfmadd231ps on zmm (AVX-512) or ymm (AVX2) registers, no spills.
 
 Numba's on-disk cache (cache=True) is keyed on the source file of each jitted *caller*, so after editing
 this file delete kernels/__pycache__/*.nbi and *.nbc, or the callers keep their old machine code.
@@ -14,18 +15,15 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-LANES = 16  # float32 lanes of a zmm register
-
 _F32 = ir.FloatType()
 _I1 = ir.IntType(1)
 _I8P = ir.PointerType(ir.IntType(8))
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
-_VEC = ir.VectorType(_F32, LANES)
-_MASK = ir.VectorType(_I1, LANES)
+FLOATS_PER_LINE = 16  # float32 per 64-byte cache line
 
 
-def make_microkernel(mr, nr, prefetch_b=False):
+def make_microkernel(mr, nr, lanes, prefetch_b=False):
     """Return an intrinsic
         kernel(a, a_off, a_row_step, a_k_step, b, b_off, ldb, c, c_off, ldc, kc, accumulate, rows, cols
                [, pf_off, pf_shift if prefetch_b])
@@ -39,9 +37,11 @@ def make_microkernel(mr, nr, prefetch_b=False):
     the B panel they will need next, spreading its DRAM fetch over the current panel's compute.  All of A's mr rows and
     B's nr columns are read, so panels must be padded (zeros) to full size.
     """
-    if nr % LANES:
-        raise ValueError(f"nr must be a multiple of {LANES}")
-    vectors = nr // LANES
+    if nr % lanes:
+        raise ValueError(f"nr must be a multiple of the vector width {lanes}")
+    vectors = nr // lanes
+    LANES = lanes
+    _VEC = ir.VectorType(_F32, lanes)
 
     def typer(a, b, c, extra):
         for arr in (a, b, c):
@@ -84,13 +84,15 @@ def make_microkernel(mr, nr, prefetch_b=False):
             builder.module, ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]), "llvm.prefetch.p0")
         with builder.if_then(full_tile, likely=True):
             for i in range(mr):
-                for v in range(vectors):
-                    line = builder.bitcast(builder.gep(c_rows[i], [_const(v * LANES)]), _I8P)
+                for offset in range(0, nr, FLOATS_PER_LINE):
+                    line = builder.bitcast(builder.gep(c_rows[i], [_const(offset)]), _I8P)
                     builder.call(prefetch, [line, ir.Constant(_I32, 1), ir.Constant(_I32, 3),
                                             ir.Constant(_I32, 1)])
 
+        # fmuladd: one FMA instruction where the ISA has it (AVX2, AVX-512), mul + add where it does not
+        # (llvm.fma would become a libm call per lane on plain SSE2).
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]),
-                                             "llvm.fma.v16f32")
+                                             f"llvm.fmuladd.v{LANES}f32")
         zero = ir.Constant(_VEC, [0.0] * LANES)
         undef_vec = ir.Constant(_VEC, ir.Undefined)
         splat_mask = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
@@ -114,11 +116,11 @@ def make_microkernel(mr, nr, prefetch_b=False):
         if prefetch_b:
             pf_off_v, pf_shift_v = args[14:]
             pf_line = builder.gep(b_data, [builder.add(pf_off_v, builder.mul(builder.ashr(p, pf_shift_v),
-                                                                           _const(LANES)))])
+                                                                           _const(FLOATS_PER_LINE)))])
             builder.call(prefetch, [builder.bitcast(pf_line, _I8P), ir.Constant(_I32, 0),
                                     ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
         b_row = builder.gep(b_base, [builder.mul(p, ldb_v)])
-        b_vecs = [builder.load(_vector_ptr(builder, b_row, v), align=4) for v in range(vectors)]
+        b_vecs = [builder.load(_vector_ptr(builder, b_row, v, lanes), align=4) for v in range(vectors)]
         a_step = builder.mul(p, a_k_v)
         new_accs = []
         for i in range(mr):
@@ -148,16 +150,17 @@ def make_microkernel(mr, nr, prefetch_b=False):
             with whole:
                 with builder.if_else(acc_flag) as (then_add, then_store):
                     with then_add:
-                        _store_full(builder, c_rows, results, add=True)
+                        _store_full(builder, c_rows, results, lanes, add=True)
                     with then_store:
-                        _store_full(builder, c_rows, results, add=False)
+                        _store_full(builder, c_rows, results, lanes, add=False)
             with ragged:
-                _store_ragged(builder, c_rows, results, acc_flag, rows_v, cols_v)
+                _store_ragged(builder, c_rows, results, lanes, acc_flag, rows_v, cols_v)
         return context.get_dummy_value()
 
 
     kernel.mr = mr
     kernel.nr = nr
+    kernel.lanes = lanes
     return kernel
 
 
@@ -165,27 +168,31 @@ def _const(value):
     return ir.Constant(_I64, value)
 
 
-def _vector_ptr(builder, row_ptr, v):
-    return builder.bitcast(builder.gep(row_ptr, [_const(v * LANES)]), _VEC.as_pointer())
+def _vector_ptr(builder, row_ptr, v, lanes):
+    return builder.bitcast(builder.gep(row_ptr, [_const(v * lanes)]), ir.VectorType(_F32, lanes).as_pointer())
 
 
-def _store_full(builder, c_rows, results, add):
+def _store_full(builder, c_rows, results, lanes, add):
     for c_row, row in zip(c_rows, results):
         for v, value in enumerate(row):
-            ptr = _vector_ptr(builder, c_row, v)
+            ptr = _vector_ptr(builder, c_row, v, lanes)
             if add:
                 value = builder.fadd(builder.load(ptr, align=4), value)
             builder.store(value, ptr, align=4)
 
 
-def _store_ragged(builder, c_rows, results, acc_flag, rows_v, cols_v):
-    """Rows below `rows` only; lanes below `cols` only (AVX-512 masked load/store)."""
+def _store_ragged(builder, c_rows, results, lanes, acc_flag, rows_v, cols_v):
+    """Rows below `rows` only; lanes below `cols` only (masked load/store: AVX-512 mask registers,
+    AVX2 vmaskmovps, element by element on SSE)."""
+    LANES = lanes
+    _VEC = ir.VectorType(_F32, lanes)
+    _MASK = ir.VectorType(_I1, lanes)
     module = builder.module
     vec_ptr = _VEC.as_pointer()
     masked_load = cgutils.get_or_insert_function(
-        module, ir.FunctionType(_VEC, [vec_ptr, _I32, _MASK, _VEC]), "llvm.masked.load.v16f32.p0")
+        module, ir.FunctionType(_VEC, [vec_ptr, _I32, _MASK, _VEC]), f"llvm.masked.load.v{lanes}f32.p0")
     masked_store = cgutils.get_or_insert_function(
-        module, ir.FunctionType(ir.VoidType(), [_VEC, vec_ptr, _I32, _MASK]), "llvm.masked.store.v16f32.p0")
+        module, ir.FunctionType(ir.VoidType(), [_VEC, vec_ptr, _I32, _MASK]), f"llvm.masked.store.v{lanes}f32.p0")
     lane_ids = ir.Constant(ir.VectorType(_I64, LANES), list(range(LANES)))
     zero = ir.Constant(_VEC, [0.0] * LANES)
     align = ir.Constant(_I32, 4)
@@ -201,7 +208,7 @@ def _store_ragged(builder, c_rows, results, acc_flag, rows_v, cols_v):
     for i, (c_row, row) in enumerate(zip(c_rows, results)):
         with builder.if_then(builder.icmp_signed("<", _const(i), rows_v)):
             for v, value in enumerate(row):
-                ptr = _vector_ptr(builder, c_row, v)
+                ptr = _vector_ptr(builder, c_row, v, lanes)
                 old = builder.call(masked_load, [ptr, align, masks[v], zero])
                 value = builder.select(acc_flag, builder.fadd(old, value), value)
                 builder.call(masked_store, [value, ptr, align, masks[v]])

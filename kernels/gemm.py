@@ -12,7 +12,7 @@ Structure (one parallel region per call, one task per worker, BLIS-like inside a
     KC x NCS block of w_t into NR-column panels (L2-resident; worth it when many rows reuse it) or lets
     the micro-kernel read w_t rows in place (few rows: packing would cost more than it saves).
   * For each MR-row panel (its A sliver stays in L1) and each NR-column panel, the LLVM micro-kernel
-    accumulates an MR x NR tile in 24 zmm registers and adds it into `out`; after the last slab the
+    accumulates an MR x NR tile in vector registers and adds it into `out`; after the last slab the
     epilogue (bias, GELU) is applied to the row panel's MR x NCS block while it is still in cache.
 """
 import threading
@@ -23,15 +23,16 @@ from numba import get_num_threads, njit, prange
 from ._aligned import aligned_empty
 from ._microkernel import make_microkernel
 from .elementwise import gelu_inplace_serial
+from .isa import SPEC
 
 EPILOGUE_NONE = 0
 EPILOGUE_GELU = 1
 EPILOGUE_ADD = 2
 EPILOGUES = {"none": EPILOGUE_NONE, "gelu": EPILOGUE_GELU, "add": EPILOGUE_ADD}
 
-MR = 12      # micro-tile rows: 12 x 32 accumulators = 24 of the 32 zmm registers
-NR = 32      # micro-tile columns: two zmm vectors
-KC = 256     # K slab: an A sliver (MR x KC) is 12 KiB, an NR panel of B 32 KiB
+MR = SPEC.gemm_mr  # micro-tile rows and columns for this ISA (isa.py): AVX-512 12 x 32 (24 of 32 zmm
+NR = SPEC.gemm_nr  # registers accumulate), AVX2 6 x 16 (12 of 16 ymm)
+KC = 256     # K slab: an A sliver (MR x KC) is 6-12 KiB, an NR panel of B 16-32 KiB: both stay in L1
 NCS = 768    # columns per B block: fewer, wider blocks mean fewer passes over the packed A slab
 MC_MAX = 2048          # rows of A packed per slab at most (bounds the per-worker A buffer)
 PACK_B_MIN_ROWS = 384  # below this many rows per task, read w_t in place instead of packing
@@ -39,9 +40,10 @@ PANEL_OUTER_MAX_ROWS = 256  # pre-packed weight, up to this many rows per task: 
 LINE = 16              # float32 per cache line
 PF_SHIFT_MIN = 3       # prefetch a new line at most every 8 k steps
 
-_micro = make_microkernel(MR, NR, prefetch_b=True)
-_micro8 = make_microkernel(8, NR, prefetch_b=True)
-_micro4 = make_microkernel(4, NR, prefetch_b=True)
+MR_MID, MR_SMALL = SPEC.gemm_row_variants[1:]
+_micro = make_microkernel(MR, NR, SPEC.lanes, prefetch_b=True)
+_micro_mid = make_microkernel(MR_MID, NR, SPEC.lanes, prefetch_b=True)
+_micro_small = make_microkernel(MR_SMALL, NR, SPEC.lanes, prefetch_b=True)
 
 
 @njit(cache=True)
@@ -109,15 +111,15 @@ def _micro_rows(rows, a_buf, a_off, b, b_off, ldb, out_flat, c_off, ldc, kc, acc
     panel (e.g. 197 = 16*12 + 5 rows) wastes less work on the zero padding."""
     if pf_off < 0:  # no prefetch wanted: re-touch the panel's first line (already cached)
         pf_off = b_off
-    if rows > 8:
+    if rows > MR_MID:
         _micro(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols,
                pf_off, pf_shift)
-    elif rows > 4:
-        _micro8(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols,
-                pf_off, pf_shift)
+    elif rows > MR_SMALL:
+        _micro_mid(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols,
+                   pf_off, pf_shift)
     else:
-        _micro4(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols,
-                pf_off, pf_shift)
+        _micro_small(a_buf, a_off, 1, MR, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, rows, cols,
+                     pf_off, pf_shift)
 
 
 @njit(cache=True, fastmath=True)

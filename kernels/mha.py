@@ -1,12 +1,12 @@
 """Multi-head scaled dot-product attention over a fused QKV activation, one (batch, head) per task.
 
-Per head, queries are processed in blocks of QB = 32 (one micro-tile width), with scores kept
+Per head, queries are processed in blocks of QB (one micro-tile width: 32 on AVX-512, 16 on AVX2), with scores kept
 *transposed* (keys x queries) so that the softmax over keys is element-wise across 32-wide vectors:
   S^T = K Q_blk^T        GEMM micro-kernel, A = pre-scaled K in MR-key panels, B = packed Q_blk^T
-  softmax down each column of S^T (max, exp, sum, scale: all vectorised over the 32 queries)
+  softmax down each column of S^T (max, exp, sum, scale: all vectorised over the QB queries)
   O_blk = P V            micro-kernel reading P straight from S^T (A element (i, j) = S^T[j, i]) and
                          V in place from qkv, writing straight into `out`
-The only scratch is per worker: K panels (T x hd), one (T x 32) score block and a Q^T block; the
+The only scratch is per worker: K panels (T x hd), one (T x QB) score block and a Q^T block; the
 (B, H, T, T) score tensor never exists.
 """
 import math
@@ -19,14 +19,15 @@ from ._aligned import aligned_empty
 from ._intrinsics import make_column_softmax, prefetch_read
 from ._microkernel import make_microkernel
 from .elementwise import check_f32_contiguous
+from .isa import SPEC
 
-MR = 12   # keys per micro-tile of S^T
-QB = 32   # queries per block = micro-tile width
-OR = 8    # queries per micro-tile of O (QB = 4 * OR)
+MR = SPEC.attn_key_rows     # keys per micro-tile of S^T       (AVX-512: 12, AVX2: 6)
+QB = SPEC.attn_query_block  # queries per block = tile width   (AVX-512: 32, AVX2: 16)
+OR = SPEC.attn_out_rows     # queries per micro-tile of O       (AVX-512: 8, AVX2: 6)
 PREFETCH_ROWS = 8  # qkv rows are 3*D floats apart (a new page each): fetch ahead of the strided walk
-_micro_scores = make_microkernel(MR, QB)
-_micro_out = make_microkernel(OR, QB)
-_softmax_columns = make_column_softmax(QB)
+_micro_scores = make_microkernel(MR, QB, SPEC.lanes)
+_micro_out = make_microkernel(OR, QB, SPEC.lanes)
+_softmax_columns = make_column_softmax(QB, SPEC.lanes)
 
 
 @njit(cache=True)

@@ -329,17 +329,17 @@ def test_linear_holds_one_weight_copy_per_backend(backend, layout):
 
 def test_pack_weight_round_trips_and_pads_with_zeros():
     kc, nr = gemm_module.KC, gemm_module.NR
-    depth = kc + 7
-    w_t = rng().standard_normal((depth, 70)).astype(np.float32)
+    depth, cols = kc + 7, 2 * nr + 6
+    w_t = rng().standard_normal((depth, cols)).astype(np.float32)
     packed = gemm_module.pack_weight(w_t)
-    padded = -(-70 // nr) * nr
+    padded = 3 * nr
     assert packed.size >= depth * padded and packed.ctypes.data % 64 == 0
     # Third panel of the second (7-deep) K slab: w_t[kc:, 2*nr:] then zero columns.
     start = kc * padded + 2 * 7 * nr
     panel = packed[start:start + 7 * nr].reshape(7, nr)
-    np.testing.assert_array_equal(panel[:, :70 - 2 * nr], w_t[kc:, 2 * nr:])
-    assert not panel[:, 70 - 2 * nr:].any()
-    np.testing.assert_array_equal(gemm_module.unpack_weight(packed, depth, 70), w_t)
+    np.testing.assert_array_equal(panel[:, :6], w_t[kc:, 2 * nr:])
+    assert not panel[:, 6:].any()
+    np.testing.assert_array_equal(gemm_module.unpack_weight(packed, depth, cols), w_t)
 
 
 @pytest.mark.parametrize("epilogue", ["none", "gelu", "add"])
