@@ -121,6 +121,23 @@ if FORCED:
     _retarget_numba(SPEC)
 
 
+def has(feature: str) -> bool:
+    """Whether code generated in this process may use an LLVM CPU feature ("avx512vnni", "avx512bf16",
+    "avxvnni", ...): the host's features, or under a forced narrower ISA only those of its CPU class."""
+    if FORCED:
+        return f"+{feature}" in SPEC.cpu_features.split(",")
+    return feature in _host_features_once()
+
+
+_host_cache = []
+
+
+def _host_features_once() -> set:
+    if not _host_cache:
+        _host_cache.append(host_features())
+    return _host_cache[0]
+
+
 def describe() -> dict:
     """What runs: the ISA, why, and the CPU Numba generates code for."""
     import numba
