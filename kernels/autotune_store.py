@@ -1,7 +1,7 @@
 """On-disk memory of the "auto" backend's per-shape decisions, so only a machine's first process pays the timing.
 
 A decision is valid only for the machine and set-up it was measured on, so it is filed under a key naming the CPU,
-the thread count, the BLAS build numpy uses and the pool-wait settings. The file lives in $VITNP_CACHE_DIR
+the ISA the kernels were built for, the thread count, the BLAS build numpy uses and the pool-wait settings. The file lives in $VITNP_CACHE_DIR
 (default: $XDG_CACHE_HOME/vitnp or ~/.cache/vitnp); delete it to time again. Any I/O problem just means timing
 again: the store is an optimisation, never a failure.
 """
@@ -11,6 +11,8 @@ import tempfile
 import threading
 
 FILE_NAME = "gemm-auto.json"
+# Read by the thread pools when they start: they decide how long idle workers spin, which the timings include.
+_POOL_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_CORETYPE")
 _lock = threading.Lock()
 _memo = {}
 
@@ -22,7 +24,7 @@ def cache_path():
     return os.path.join(root, FILE_NAME)
 
 
-def machine_key(threads, margin):
+def machine_key(threads, isa):
     if "key" not in _memo:
         from threadpoolctl import threadpool_info
 
@@ -35,7 +37,8 @@ def machine_key(threads, margin):
         blas = sorted(f"{i.get('internal_api')}-{i.get('version')}-{i.get('architecture')}"
                       for i in threadpool_info() if i.get("user_api") == "blas")
         _memo["key"] = f"{cpu}|{os.cpu_count()} cpus|{','.join(blas)}"
-    return f"{_memo['key']}|threads={threads}|blas_margin={margin}"
+    waits = ",".join(f"{name}={os.environ.get(name, '')}" for name in _POOL_SETTINGS)
+    return f"{_memo['key']}|isa={isa}|threads={threads}|{waits}"
 
 
 def _shape_key(shape):

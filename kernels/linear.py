@@ -1,35 +1,18 @@
 """Linear layer (x @ W^T + b) with a NumPy/BLAS backend, a Numba backend and per-shape auto selection."""
-import os
 import threading
 import time
 
 import numba
 import numpy as np
 
-from . import autotune_store
+from . import autotune_store, isa
 from . import gemm as _gemm
-from .elementwise import check_f32_contiguous
+from .elementwise import check_f32_contiguous, layernorm
 
 BACKENDS = ("auto", "numba", "blas")
 K_BY_N = "k_by_n"   # (K, N) C-contiguous: read by BLAS and (in place) by the Numba GEMM
 PANELS = "panels"   # gemm.pack_weight layout: Numba GEMM only
 AUTO_REPEATS = 5
-AUTO_SETTLE_SECONDS = 0.1  # > OpenBLAS's default worker spin time (2**28 cycles)
-
-
-def blas_margin():
-    """How much faster (in isolation) BLAS must be for auto to pick it over the Numba GEMM.
-
-    Every other kernel of a forward pass runs on Numba's OpenMP pool.  By default OpenBLAS workers spin
-    ~60 ms after each call and OpenMP workers spin after each region, so alternating pools costs the
-    kernel after every switch up to half its speed (ViT-B, 2 cores: a BLAS-backed forward took 354 ms vs
-    104 ms all-Numba at batch 1).  With OPENBLAS_THREAD_TIMEOUT<=10 and OMP_WAIT_POLICY=passive (set
-    before the libraries load) both pools sleep at once and a 10% win is real.
-    """
-    timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")
-    quick_blas = timeout.isdigit() and int(timeout) <= 10
-    passive_omp = os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive"
-    return 0.9 if quick_blas and passive_omp else 0.5
 
 
 # (M, K, N) -> "numba" | "blas", shared by all Linear layers: the twelve blocks of a ViT have identical
@@ -108,7 +91,7 @@ class Linear:
                 self._layout_final = True
 
     def _stored_or_timed_choice(self, key):
-        machine = autotune_store.machine_key(numba.get_num_threads(), blas_margin())
+        machine = autotune_store.machine_key(numba.get_num_threads(), isa.ISA)
         stored = autotune_store.load(machine, key)
         if stored is not None:
             _auto_choice[key], _auto_timings[key] = stored
@@ -118,28 +101,41 @@ class Linear:
         return choice
 
     def _time_backends(self, key):
-        """Time both backends on a synthetic weight of this shape, each in the layout it would use
-        (the layer's own weight is in only one of them)."""
+        """Time both backends on a synthetic weight of this shape, each in the layout it would use (the
+        layer's own weight is in only one of them), and each as it runs in a forward pass: between two
+        Numba parallel regions (the LayerNorm before a projection, the kernel after it).
+
+        Numba's OpenMP pool and OpenBLAS's pool each spin for a while after their work, so a BLAS call
+        between Numba kernels can lose (or cost its neighbours) far more than its own time in isolation.
+        Timing the sandwich measures that hand-over on this machine instead of guessing it with a fixed
+        margin, so the choice is the faster of the two where it is used, on any CPU and ISA.
+        """
         rows = key[0]
         rng = np.random.default_rng(0)
         x = rng.standard_normal((rows, self.in_features), dtype=np.float32)
         out = np.empty((rows, self.out_features), np.float32)
         weight_t = rng.standard_normal((self.in_features, self.out_features), dtype=np.float32)
         candidates = {"numba": (PANELS, _gemm.pack_weight(weight_t)), "blas": (K_BY_N, weight_t)}
-        times = {}
-        for name, weight in candidates.items():
-            # One block per backend after a pause: OpenBLAS workers spin for tens of milliseconds after
-            # each call, and Numba timed inside that window would see half the cores.
-            time.sleep(AUTO_SETTLE_SECONDS)
-            self._run(name, weight, x, out, "none")  # compile / warm up
-            times[name] = []
-            for _ in range(AUTO_REPEATS):
+        normed_in = np.empty_like(x)
+        normed_out = np.empty_like(out)
+        gamma_in, beta_in = np.ones(self.in_features, np.float32), np.zeros(self.in_features, np.float32)
+        gamma_out, beta_out = np.ones(self.out_features, np.float32), np.zeros(self.out_features, np.float32)
+
+        def in_context(name, weight):
+            layernorm(x, gamma_in, beta_in, 1e-6, normed_in)
+            self._run(name, weight, normed_in, out, "none")
+            layernorm(out, gamma_out, beta_out, 1e-6, normed_out)
+
+        for name, weight in candidates.items():  # compile / warm up both before timing either
+            in_context(name, weight)
+        times = {name: [] for name in candidates}
+        for _ in range(AUTO_REPEATS):  # interleaved, so a burst of other load hits both alike
+            for name, weight in candidates.items():
                 start = time.perf_counter()
-                self._run(name, weight, x, out, "none")
+                in_context(name, weight)
                 times[name].append(time.perf_counter() - start)
-        time.sleep(AUTO_SETTLE_SECONDS)
         best = {name: min(t) for name, t in times.items()}
-        choice = "blas" if best["blas"] < blas_margin() * best["numba"] else "numba"
+        choice = "blas" if best["blas"] < best["numba"] else "numba"
         _auto_timings[key] = best
         _auto_choice[key] = choice
         return choice
@@ -200,7 +196,6 @@ class Linear:
                                 **{f"{name}_ms": round(t * 1e3, 3) for name, t in timing.items()}}
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "backend": self.backend, "auto_choices": shapes,
-                "auto_blas_margin": blas_margin(),
                 "weight_layout": self.weight_layout, "weight_bytes": int(self.weight_array.nbytes)}
 
     def __repr__(self):

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from vitnp.kernels import Linear
+from vitnp.kernels import Linear, isa
 from vitnp.kernels import linear as linear_module
 
 
@@ -21,9 +21,11 @@ def test_auto_decision_is_stored_and_reused(tmp_path, monkeypatch):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     stored = json.loads((tmp_path / "gemm-auto.json").read_text())
     (machine, shapes), = stored.items()
-    assert "threads=" in machine
+    assert "threads=" in machine and f"isa={isa.ISA}|" in machine
     timed = shapes[f"{rows}x{k}x{n}"]
     assert timed["backend"] in ("numba", "blas") and set(timed["seconds"]) == {"numba", "blas"}
+    # No margin in favour of either: the measured faster one is chosen.
+    assert timed["backend"] == min(timed["seconds"], key=timed["seconds"].get)
 
     # A later process (here: the in-memory decision forgotten) takes the stored choice without timing.
     other = "blas" if timed["backend"] == "numba" else "numba"
