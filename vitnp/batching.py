@@ -102,8 +102,10 @@ class _Job:
 _STOP = object()
 
 
-class EngineWorker:
-    """One model and the one thread that runs its forward passes."""
+class ModelWorker:
+    """One model as the service sees it: admission (queue limit), decoding, and `submit`, which the
+    subclass implements with its own way of batching forward passes (EngineWorker: a thread here;
+    vitnp.ray: Ray Serve's @serve.batch)."""
 
     def __init__(self, name: str, classifier, options: BatchingOptions, aliases: tuple[str, ...] = ()):
         self.name = name
@@ -111,14 +113,9 @@ class EngineWorker:
         self.options = options
         self.aliases = aliases
         self.cache_identity = (name, classifier.revision)
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        # Requests admitted but not yet in a forward pass (being decoded, or waiting in _jobs).
+        # Requests admitted but not yet in a forward pass (being decoded, or waiting for their batch).
         self._waiting = 0
         self._waiting_lock = threading.Lock()
-        c = classifier.config
-        self._batch = np.empty((options.max_batch_size, c.num_channels, c.image_size, c.image_size), np.float32)
-        self._thread = threading.Thread(target=self._run, name=f"vitnp-engine[{name}]", daemon=True)
-        self._thread.start()
 
     @property
     def num_labels(self) -> int:
@@ -157,6 +154,25 @@ class EngineWorker:
     def decode(self, data: bytes) -> np.ndarray:
         """Image bytes -> (1, 3, H, W) pixel values. Runs on the decode thread pool, never on the worker."""
         return self.classifier.preprocess([data])
+
+    def submit(self, pixels: np.ndarray, top_k: int, function_to_apply: str | None):
+        """A future (concurrent or asyncio) of (predictions, batch size) for one admitted, decoded image."""
+        raise NotImplementedError
+
+    def close(self, timeout: float | None = None) -> None:
+        raise NotImplementedError
+
+
+class EngineWorker(ModelWorker):
+    """One model and the one thread that runs its forward passes."""
+
+    def __init__(self, name: str, classifier, options: BatchingOptions, aliases: tuple[str, ...] = ()):
+        super().__init__(name, classifier, options, aliases)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        c = classifier.config
+        self._batch = np.empty((options.max_batch_size, c.num_channels, c.image_size, c.image_size), np.float32)
+        self._thread = threading.Thread(target=self._run, name=f"vitnp-engine[{name}]", daemon=True)
+        self._thread.start()
 
     def submit(self, pixels: np.ndarray, top_k: int, function_to_apply: str | None) -> concurrent.futures.Future:
         job = _Job(pixels, top_k, function_to_apply)
@@ -287,6 +303,13 @@ class ModelRegistry:
         self._load_seconds.append(time.perf_counter() - t0)
         self._add(worker)
         return worker
+
+    def add_worker(self, worker: ModelWorker) -> None:
+        """Serve an already-loaded model (its name and aliases come with the worker)."""
+        if worker.name in self._names:
+            raise ModelNotFoundError(f"two models are both named {worker.name!r}")
+        worker.aliases = tuple(a for a in worker.aliases if a not in self._names)
+        self._add(worker)
 
     def _add(self, worker: EngineWorker) -> None:
         self._workers[worker.name] = worker

@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", choices=["auto", "numba", "blas"], default="auto", help="GEMM backend")
     c.add_argument("--threads", type=positive_int, help="compute threads (default: NUMBA_NUM_THREADS or all cores)")
     c.add_argument("--json", action="store_true", help="print one JSON object per image (JSON lines)")
+    r = c.add_argument_group("Ray (pip install 'vitnp[ray]')")
+    r.add_argument("--ray", action="store_true",
+                   help="run the job on Ray Data: a local Ray cluster, or the one at --ray-address")
+    r.add_argument("--ray-address", metavar="ADDR", help="address of an existing Ray cluster (e.g. auto, ray://host:10001)")
+    r.add_argument("--workers", type=positive_int, help="model actors (default 1)")
+    r.add_argument("--output", "-o", metavar="FILE.parquet|FILE.jsonl",
+                   help="with --ray: write the results to this Parquet or JSON-lines file")
     c.set_defaults(func=run_classify)
 
     s = sub.add_parser("serve", help="serve models over HTTP (Hugging Face Inference API protocol)",
@@ -79,6 +86,13 @@ def run_classify(args) -> int:
     from .errors import VitnpError
     from .preprocess import load_image
 
+    if args.ray:
+        from .ray import run_classify as run_on_ray
+
+        return run_on_ray(args)
+    if args.output or args.workers or args.ray_address:
+        print("vitnp: --output, --workers and --ray-address go with --ray", file=sys.stderr)
+        return 2
     paths = find_images(args.inputs)
     if not paths:
         print(f"vitnp: no image files found in {' '.join(args.inputs)}", file=sys.stderr)

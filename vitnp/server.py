@@ -345,6 +345,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _replica_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    try:
+        lo_n, hi_n = int(lo), int(hi)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX replicas, got {text!r}") from None
+    if not sep or lo_n < 1 or hi_n < lo_n:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return lo_n, hi_n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vitnp serve",
@@ -383,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a client may take to send its body (default 30)")
     p.add_argument("--graceful-timeout", type=_positive_float, default=30.0,
                    help="on SIGTERM/Ctrl-C, seconds to let in-flight requests finish (default 30)")
+    r = p.add_argument_group("Ray Serve (pip install 'vitnp[ray]')")
+    r.add_argument("--ray", action="store_true",
+                   help="serve with Ray Serve (same protocol): a local Ray cluster, or the one at --ray-address")
+    r.add_argument("--ray-address", metavar="ADDR", help="address of an existing Ray cluster")
+    r.add_argument("--replicas", type=positive_int, default=1, help="with --ray: replicas (default 1)")
+    r.add_argument("--autoscale", type=_replica_range, metavar="MIN:MAX",
+                   help="with --ray: autoscale between MIN and MAX replicas on ongoing requests")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (default info; the access log is logger vitnp.access at info)")
     return p
@@ -418,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
         token = resolve_token(args.token_env)
     except ParameterError as e:
         print(f"vitnp serve: {e}", file=sys.stderr)
+        return 2
+    if args.ray:
+        from .ray import run_serve
+
+        return run_serve(args, token)
+    if args.ray_address or args.autoscale or args.replicas != 1:
+        print("vitnp serve: --ray-address, --replicas and --autoscale go with --ray", file=sys.stderr)
         return 2
     if args.max_image_pixels is not None:
         from PIL import Image
