@@ -25,23 +25,26 @@ from .preprocess import (
 from .weights import load_weights
 
 BACKENDS = ("auto", "numba", "blas")
+PRECISIONS = ("fp32", "bf16", "int8")
 # Larger inputs are cut into chunks of this many images so activation memory stays bounded.
 MAX_FORWARD_BATCH = 16
 
 
 class Classifier:
     def __init__(self, location: ModelLocation, config: ViTConfig, processor: PreprocessorConfig,
-                 backend: str = "auto", threads: int | None = None, weights=None):
+                 backend: str = "auto", threads: int | None = None, weights=None, precision: str = "fp32"):
         """`weights`: an already-built ViTWeights (e.g. shared read-only arrays, see vitnp.ray) instead of
         loading location.path's checkpoint."""
         self.location = location
         self.config = config
         self.processor = processor
         self.backend = backend
+        self.precision = validate_precision(precision)
         # set_num_threads clamps to the cores Numba was started with.
         self.threads = kernels.set_num_threads(threads) if threads is not None else None
         t0 = time.perf_counter()
-        self.weights = load_weights(location.path, config, backend=backend) if weights is None else weights
+        self.weights = (load_weights(location.path, config, backend=backend, precision=self.precision)
+                        if weights is None else weights)
         self.load_seconds = time.perf_counter() - t0
         self._workspace = Workspace(config)
         # One workspace per classifier: concurrent callers take turns on the forward pass.
@@ -68,7 +71,8 @@ class Classifier:
     def __repr__(self) -> str:
         c = self.config
         return (f"Classifier({self.model_id!r}, {c.architecture}, {c.num_hidden_layers}x{c.hidden_size}, "
-                f"{c.image_size}px, {c.num_labels} labels, backend={self.backend!r})")
+                f"{c.image_size}px, {c.num_labels} labels, backend={self.backend!r}"
+                + (f", precision={self.precision!r})" if self.precision != "fp32" else ")"))
 
     def preprocess(self, images) -> np.ndarray:
         """Image(s) -> float32 (B, 3, H, W) pixel values, as transformers' PIL image processor makes them."""
@@ -117,14 +121,23 @@ class Classifier:
         w = self.weights
         linears = {"patch_embed": w.patch_embed, "qkv": w.layers[0].qkv, "attn_out": w.layers[0].attn_out,
                    "fc1": w.layers[0].fc1, "fc2": w.layers[0].fc2, "head": w.heads[0]}
+        from .kernels.qlinear import describe_kernel
+
         return {"backend": self.backend, "threads": self.threads or kernels.get_num_threads(),
+                "precision": self.precision, "precision_kernel": describe_kernel(self.precision),
                 "layers": {name: lin.report() for name, lin in linears.items()}}
 
 
 def load(model: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,
          cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
-         backend: str = "auto", threads: int | None = None, progress: bool = True) -> Classifier:
-    """Load a ViT/DeiT image classifier: a Hub id, a local directory, or "bundled:<name>"."""
+         backend: str = "auto", threads: int | None = None, progress: bool = True,
+         precision: str = "fp32") -> Classifier:
+    """Load a ViT/DeiT image classifier: a Hub id, a local directory, or "bundled:<name>".
+
+    precision: "fp32" (default: parity with transformers), "bf16" (weights in bfloat16) or "int8" (dynamic
+    quantisation: int8 weights per output channel, activations per row at run time); see docs/precision.md.
+    """
+    validate_precision(precision)
     if backend not in BACKENDS:
         raise ParameterError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -134,7 +147,13 @@ def load(model: str | os.PathLike, revision: str | None = None, token: str | boo
     processor_path = Path(location.path) / "preprocessor_config.json"
     processor = (load_preprocessor_config(processor_path, config.model_type) if processor_path.is_file()
                  else default_preprocessor_config(config.model_type))
-    return Classifier(location, config, processor, backend, threads)
+    return Classifier(location, config, processor, backend, threads, precision=precision)
+
+
+def validate_precision(precision) -> str:
+    if precision not in PRECISIONS:
+        raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
 
 
 _loaded: dict[tuple, Classifier] = {}

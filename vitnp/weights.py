@@ -18,6 +18,7 @@ import numpy as np
 from .config import ViTConfig
 from .errors import CheckpointError
 from .kernels import Linear
+from .kernels.qlinear import QLinear
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -195,16 +196,24 @@ def _float32(tensors: dict, name: str) -> np.ndarray:
     return out
 
 
-def load_weights(model_dir: str | Path, cfg: ViTConfig, backend: str = "auto") -> ViTWeights:
+def load_weights(model_dir: str | Path, cfg: ViTConfig, backend: str = "auto", precision: str = "fp32") -> ViTWeights:
+    """precision "bf16" / "int8": every encoder Linear and the patch projection hold their weight in that
+    precision (converted tensor by tensor, so the float32 weights never exist all at once); LayerNorm,
+    embeddings and the classifier head(s) stay float32."""
     model_dir = Path(model_dir)
     tensors = _open_checkpoint(model_dir)
     validate(tensors, cfg, model_dir)
     p = cfg.prefix
     get = lambda name: _float32(tensors, name)  # noqa: E731
 
-    def linear(prefix: str) -> Linear:
+    def make_linear(weight, bias, reduced=True):
+        if reduced and precision != "fp32":
+            return QLinear(weight, bias, precision=precision)
+        return Linear(weight, bias, backend=backend)
+
+    def linear(prefix: str, reduced=True):
         bias = get(prefix + ".bias") if prefix + ".bias" in tensors else None
-        return Linear(get(prefix + ".weight"), bias, backend=backend)
+        return make_linear(get(prefix + ".weight"), bias, reduced)
 
     D = cfg.hidden_size
     pos = get(f"{p}.embeddings.position_embeddings").reshape(cfg.seq_len, D)
@@ -222,7 +231,7 @@ def load_weights(model_dir: str | Path, cfg: ViTConfig, backend: str = "auto") -
                  if cfg.qkv_bias else None)
         layers.append(LayerWeights(
             ln1_weight=get(q + "layernorm_before.weight"), ln1_bias=get(q + "layernorm_before.bias"),
-            qkv=Linear(qkv_w, qkv_b, backend=backend),
+            qkv=make_linear(qkv_w, qkv_b),
             attn_out=linear(q + "attention.output.dense"),
             ln2_weight=get(q + "layernorm_after.weight"), ln2_bias=get(q + "layernorm_after.bias"),
             fc1=linear(q + "intermediate.dense"),
@@ -233,12 +242,11 @@ def load_weights(model_dir: str | Path, cfg: ViTConfig, backend: str = "auto") -
     conv = get(f"{p}.embeddings.patch_embeddings.projection.weight")
     heads = ["cls_classifier", "distillation_classifier"] if cfg.distilled else ["classifier"]
     return ViTWeights(
-        patch_embed=Linear(conv.reshape(D, -1), get(f"{p}.embeddings.patch_embeddings.projection.bias"),
-                           backend=backend),
+        patch_embed=make_linear(conv.reshape(D, -1), get(f"{p}.embeddings.patch_embeddings.projection.bias")),
         prefix_tokens=np.ascontiguousarray(prefix_tokens, dtype=np.float32),
         patch_pos_embed=np.ascontiguousarray(pos[cfg.num_prefix_tokens:]),
         layers=layers,
         final_ln_weight=get(f"{p}.layernorm.weight"),
         final_ln_bias=get(f"{p}.layernorm.bias"),
-        heads=[linear(h) for h in heads],
+        heads=[linear(h, reduced=False) for h in heads],
     )

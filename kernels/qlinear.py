@@ -1,0 +1,101 @@
+"""QLinear: a Linear layer whose weight is held in reduced precision (int8 or bf16), same call as Linear.
+
+    layer = QLinear(weight (N, K), bias, precision="int8")
+    layer(x, out, epilogue="none" | "gelu" | "add")
+
+int8: the weight is quantised once here (symmetric, per output channel) and the activations per row at
+run time; bf16: the weight is rounded to bfloat16 once.  The kernels are in qgemm.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import isa
+from . import qgemm
+from .elementwise import check_f32_contiguous
+
+PRECISIONS = ("fp32", "bf16", "int8")
+REDUCED = ("bf16", "int8")
+
+_KIND_DESCRIPTION = {
+    "vnni": "int8 u8 x s8 dot products (AVX-512 VNNI vpdpbusd), int32 accumulation",
+    "madd": "int8 values as int16 pairs (vpmaddwd), exact int32 accumulation",
+    "dpbf16": "bf16 x bf16 dot products (AVX-512 BF16 vdpbf16ps), float32 accumulation",
+    "widen": "bf16 weights widened to float32 in registers, float32 FMA",
+}
+
+
+def kernel_for(precision: str) -> str:
+    if precision == "int8":
+        return qgemm.INT8_KIND
+    if precision == "bf16":
+        return qgemm.BF16_KIND
+    raise ValueError(f"precision must be one of {REDUCED} for QLinear, got {precision!r}")
+
+
+def describe_kernel(precision: str) -> str:
+    return "float32 GEMM" if precision == "fp32" else _KIND_DESCRIPTION[kernel_for(precision)]
+
+
+class QLinear:
+    """y = x @ W^T + b with W held as int8 (per-channel scales) or bf16, in its kernel's panel layout."""
+
+    backend = "numba"
+
+    def __init__(self, weight, bias=None, precision="int8", packed=None):
+        """`packed`: an already-built qgemm.PackedWeight (e.g. read from the on-disk cache) instead of weight."""
+        if precision not in REDUCED:
+            raise ValueError(f"precision must be one of {REDUCED}, got {precision!r}")
+        self.precision = precision
+        if packed is None:
+            weight = np.asarray(weight)
+            if weight.ndim != 2 or weight.dtype.kind != "f":
+                raise TypeError(f"weight must be a 2-D float array (out_features, in_features), got "
+                                f"{weight.dtype} {weight.shape}")
+            n_out = weight.shape[0]
+            if bias is not None:
+                bias = np.asarray(bias)
+                if bias.shape != (n_out,):
+                    raise ValueError(f"bias must have shape ({n_out},), got {bias.shape}")
+                bias = np.ascontiguousarray(bias, dtype=np.float32)
+            pack = qgemm.pack_int8 if precision == "int8" else qgemm.pack_bf16
+            packed = pack(weight, bias, kernel_for(precision))
+            self.has_bias = bias is not None
+        else:
+            self.has_bias = bool(np.any(packed.bias))
+        self.packed = packed
+        self.kind = packed.kind
+        self.out_features, self.in_features = packed.out_features, packed.in_features
+
+    @property
+    def bias(self):
+        return self.packed.bias[:self.out_features] if self.has_bias else None
+
+    def __call__(self, x, out, epilogue="none"):
+        check_f32_contiguous(x, "x")
+        check_f32_contiguous(out, "out")
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"QLinear: x must be (M, {self.in_features}), got {x.shape}")
+        if out.shape != (x.shape[0], self.out_features):
+            raise ValueError(f"QLinear: out must be {(x.shape[0], self.out_features)}, got {out.shape}")
+        if epilogue not in qgemm.EPILOGUES:
+            raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {tuple(qgemm.EPILOGUES)}")
+        if np.may_share_memory(x, out):
+            raise ValueError("QLinear: out must not overlap x (the product is written while x is read)")
+        qgemm.qgemm(x, self.packed, out, epilogue)
+        return out
+
+    def dequantized_weight(self) -> np.ndarray:
+        """The (N, K) float32 weight this layer effectively multiplies by (for tests and diagnostics)."""
+        return qgemm.unpack(self.packed)
+
+    def report(self):
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.has_bias,
+                "backend": "numba", "precision": self.precision, "kernel": self.kind,
+                "kernel_description": _KIND_DESCRIPTION[self.kind], "isa": isa.ISA,
+                "weight_layout": f"{self.kind} panels {qgemm.NR} columns x {qgemm.GROUP[self.kind]} k",
+                "weight_bytes": self.packed.nbytes}
+
+    def __repr__(self):
+        return (f"QLinear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"precision={self.precision!r}, kernel={self.kind!r})")
