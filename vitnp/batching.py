@@ -271,8 +271,10 @@ class ModelRegistry:
     """
 
     def __init__(self, options: BatchingOptions, load_on_demand: bool = False, revision: str | None = None,
-                 threads: int | None = None, backend: str = "auto", warmup: bool = True):
+                 threads: int | None = None, backend: str = "auto", warmup: bool = True,
+                 precision: str = "fp32"):
         self.options = options
+        self.precision = precision
         self.load_on_demand = load_on_demand
         self.revision = revision
         self.threads = threads
@@ -293,7 +295,8 @@ class ModelRegistry:
         import vitnp
 
         t0 = time.perf_counter()
-        clf = vitnp.load(spec, revision=self.revision, backend=self.backend, threads=self.threads, progress=False)
+        clf = vitnp.load(spec, revision=self.revision, backend=self.backend, threads=self.threads, progress=False,
+                         precision=self.precision)
         name, aliases = _startup_names(spec, alias)
         if name in self._names:
             raise ModelNotFoundError(f"two --model arguments are both named {name!r}; name them with "
@@ -441,7 +444,7 @@ class ModelRegistry:
             # vitnp.load reads an existing directory before trying the Hub; a URL must never pick a path.
             raise ModelNotFoundError(f"{name!r} names a local path, which a URL may not load")
         clf = vitnp.load(name, revision=None if name.startswith(BUNDLED_PREFIX) else self.revision,
-                         backend=self.backend, threads=self.threads, progress=False)
+                         backend=self.backend, threads=self.threads, progress=False, precision=self.precision)
         return self._start_worker(name, clf, ())
 
     def _finish_loading(self, name: str, future: asyncio.Future, worker: EngineWorker | None,

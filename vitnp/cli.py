@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     c.add_argument("--backend", choices=["auto", "numba", "blas"], default="auto", help="GEMM backend")
     c.add_argument("--threads", type=positive_int, help="compute threads (default: NUMBA_NUM_THREADS or all cores)")
+    c.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="weights in float32 (default: parity with transformers), bfloat16, or int8 with dynamic "
+                        "activation quantisation (see docs/precision.md)")
     c.add_argument("--json", action="store_true", help="print one JSON object per image (JSON lines)")
     r = c.add_argument_group("Ray (pip install 'vitnp[ray]')")
     r.add_argument("--ray", action="store_true",
@@ -99,7 +102,7 @@ def run_classify(args) -> int:
         return 1
     try:
         clf = load(args.model, revision=args.revision, token=args.token, cache_dir=args.cache_dir,
-                   backend=args.backend, threads=args.threads)
+                   backend=args.backend, threads=args.threads, precision=args.precision)
     except VitnpError as e:
         print(f"vitnp: {e}", file=sys.stderr)
         return 2

@@ -390,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=positive_int, default=2,
                    help="threads decoding and preprocessing images (default 2)")
     p.add_argument("--backend", choices=["auto", "numba", "blas"], default="auto", help="GEMM backend")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="weights in float32 (default: parity with transformers), bfloat16, or int8 with dynamic "
+                        "activation quantisation (see docs/precision.md)")
     p.add_argument("--body-timeout", type=_positive_float, default=30.0,
                    help="seconds a client may take to send its body (default 30)")
     p.add_argument("--graceful-timeout", type=_positive_float, default=30.0,
@@ -452,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
     options = BatchingOptions(args.max_batch_size, args.max_wait_ms / 1000.0, args.max_queue)
     registry = ModelRegistry(options, load_on_demand=args.load_on_demand, revision=args.revision,
-                             threads=args.threads, backend=args.backend)
+                             threads=args.threads, backend=args.backend, precision=args.precision)
     for arg in args.model:
         alias, spec = split_model_arg(arg)
         t0 = time.perf_counter()
