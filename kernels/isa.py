@@ -138,12 +138,26 @@ def _host_features_once() -> set:
     return _host_cache[0]
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name ("AMD EPYC 9B45", "Intel(R) Xeon(R) ..."), or LLVM's name for it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or host_cpu_name()
+
+
 def describe() -> dict:
     """What runs: the ISA, why, and the CPU Numba generates code for."""
     import numba
 
     return {"isa": ISA, "forced": bool(os.environ.get(ENV_VAR, "").strip()) and
             os.environ.get(ENV_VAR, "").strip().lower() != "auto",
-            "host_isa": host_isa(), "host_cpu": host_cpu_name(),
+            "host_isa": host_isa(), "cpu_model": cpu_model(), "host_cpu": host_cpu_name(),
             "codegen_cpu": numba.config.CPU_NAME or host_cpu_name(),
             "gemm_tile": f"{SPEC.gemm_mr}x{SPEC.gemm_nr}", "vector_lanes": SPEC.lanes}

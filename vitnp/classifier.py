@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -147,7 +148,33 @@ def load(model: str | os.PathLike, revision: str | None = None, token: str | boo
     processor_path = Path(location.path) / "preprocessor_config.json"
     processor = (load_preprocessor_config(processor_path, config.model_type) if processor_path.is_file()
                  else default_preprocessor_config(config.model_type))
+    compile_kernels(backend, progress)
     return Classifier(location, config, processor, backend, threads, precision=precision)
+
+
+def compile_kernels(backend: str = "auto", progress: bool = True) -> dict:
+    """Compile the kernels a forward pass with this backend needs, unless Numba's disk cache already holds
+    them for this CPU.  Only a first run ever compiles (~5-10 s, spread over the cores); it says so on stderr,
+    with a progress bar on a terminal.  Returns {kernel group: seconds} for what was compiled."""
+    from .kernels import isa, warmup
+
+    groups = warmup.groups_for_backend(backend)
+    cold = warmup.cold_groups(groups)
+    if not cold:
+        return {}
+    bar = None
+    if progress:
+        print(f"vitnp: compiling kernels for this CPU ({isa.cpu_model()}, {isa.ISA}); first run only, "
+              f"cached afterwards", file=sys.stderr, flush=True)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cold), unit="group", desc="compiling", leave=False, file=sys.stderr,
+                   disable=not sys.stderr.isatty())
+    try:
+        return warmup.compile_groups(groups, on_done=(lambda group, seconds: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def validate_precision(precision) -> str:

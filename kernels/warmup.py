@@ -1,0 +1,195 @@
+"""Compile the kernels a model needs before it runs, in parallel processes when they are not cached yet.
+
+Numba compiles one function at a time under a global lock, and a cold start is almost all LLVM time spent on a
+handful of big parallel kernels (the GEMM driver, attention).  Each compiled kernel lands in Numba's on-disk
+cache, keyed by source file, signature and target CPU, so on a first run the kernel groups are compiled by
+worker processes side by side (one per core) and the calling process then only loads them from disk.  Warm
+runs do not start any process: `cold_groups` reads the cache index files to see what is missing.
+
+A group is compiled by calling its kernels on tiny arrays of the same types the real calls use (float32,
+C-contiguous, writable), which produces exactly the signatures that later calls look up.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+GROUPS = ("gemm", "attention", "layernorm", "blas_epilogues")
+
+
+def _rand(*shape):
+    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+
+
+def _warm_gemm():
+    from .linear import Linear
+
+    x = _rand(5, 24)
+    layer = Linear(_rand(40, 24), _rand(40), backend="numba")
+    unbiased = Linear(_rand(40, 24), None, backend="numba")
+    for epilogue in ("none", "gelu", "add"):
+        layer(x, np.zeros((5, 40), np.float32), epilogue)
+        unbiased(x, np.zeros((5, 40), np.float32), epilogue)
+
+
+def _warm_blas_epilogues():
+    from .linear import Linear
+
+    x = _rand(5, 24)
+    layer = Linear(_rand(40, 24), _rand(40), backend="blas")
+    for epilogue in ("none", "gelu", "add"):
+        layer(x, np.zeros((5, 40), np.float32), epilogue)
+
+
+def _warm_attention():
+    from .mha import attention
+
+    attention(_rand(1, 5, 3 * 8), np.empty((1, 5, 8), np.float32), 2)
+
+
+def _warm_layernorm():
+    from .elementwise import layernorm
+
+    layernorm(_rand(3, 8), _rand(8), _rand(8), 1e-6, np.empty((3, 8), np.float32))
+
+
+_WARMERS = {"gemm": _warm_gemm, "attention": _warm_attention, "layernorm": _warm_layernorm,
+            "blas_epilogues": _warm_blas_epilogues}
+
+
+def _dispatchers(group):
+    from . import elementwise, gemm, mha
+
+    return {"gemm": [gemm._gemm_tasks, gemm._pack_panels],
+            "attention": [mha._attention],
+            "layernorm": [elementwise._layernorm_rows],
+            "blas_epilogues": [gemm.apply_epilogue_inplace, gemm.add_product_inplace]}[group]
+
+
+def _cached_for_this_cpu(dispatcher) -> bool:
+    """Whether Numba's disk cache holds machine code of this function for the CPU and features this process
+    generates code for (any signature: each group has one)."""
+    from numba.core.registry import cpu_target
+
+    cache = getattr(dispatcher, "_cache", None)
+    if cache is None or not hasattr(cache, "_cache_file"):
+        return False
+    try:
+        index = cache._cache_file._load_index()
+    except Exception:  # an unreadable index is a cold cache, never an error
+        return False
+    magic = cpu_target.target_context.codegen().magic_tuple()
+    return any(isinstance(key, tuple) and len(key) > 1 and key[1] == magic for key in index)
+
+
+def groups_for_backend(backend: str) -> tuple:
+    """The kernel groups a transformer forward pass with this GEMM backend runs."""
+    gemm = {"numba": ("gemm",), "blas": ("blas_epilogues",)}.get(backend, ("gemm", "blas_epilogues"))
+    return (*gemm, "attention", "layernorm")
+
+
+def cold_groups(groups=GROUPS) -> list[str]:
+    """The groups whose kernels are neither compiled in this process nor in the disk cache for this CPU."""
+    cold = []
+    for group in groups:
+        for dispatcher in _dispatchers(group):
+            if not dispatcher.overloads and not _cached_for_this_cpu(dispatcher):
+                cold.append(group)
+                break
+    return cold
+
+
+# Rough share of a cold compile, to split the groups evenly between processes (measured on ViT kernels).
+_COST = {"gemm": 5.0, "attention": 3.5, "layernorm": 0.5, "blas_epilogues": 0.4}
+
+
+def compile_groups(groups, processes=None, on_done=None) -> dict:
+    """Compile (or load) every kernel of `groups`.  When two or more are cold, this process compiles the
+    biggest share while up to `processes` - 1 helper processes (default: one per core) compile the rest into
+    the disk cache, from which this process then loads them.  on_done(group, seconds) is called as each
+    cold group finishes.  Returns {group: seconds}.  What a helper fails to do (say, the cache is not
+    writable) is simply done here afterwards.
+
+    Helpers are fresh interpreters running this module (`python -m`), not multiprocessing children, so a
+    caller's unguarded script is never re-imported in them.
+    """
+    groups = list(groups)
+    cold = sorted(cold_groups(groups), key=lambda g: -_COST[g])
+    seconds = {}
+    shares = [[] for _ in range(max(1, min(len(cold), processes or os.cpu_count() or 1)))]
+    for group in cold:  # greedy: each group to the least loaded process; shares[0] is this process
+        min(shares, key=lambda share: sum(_COST[g] for g in share)).append(group)
+    lock = threading.Lock()
+
+    def report(group, took):
+        with lock:
+            seconds[group] = took
+            if on_done:
+                on_done(group, took)
+
+    def run_here(group, timed):
+        start = time.perf_counter()
+        _WARMERS[group]()
+        if timed:
+            report(group, time.perf_counter() - start)
+
+    helper_groups = {group for share in shares[1:] for group in share}
+    helpers = [helper for helper in (_start_helper(share, report) for share in shares[1:] if share) if helper]
+    for group in groups:  # this process's share, and the warm groups (loaded from the cache)
+        if group not in helper_groups:
+            run_here(group, timed=group in cold)
+    for process, reader in helpers:
+        process.wait()
+        reader.join()
+    for group in groups:  # load what the helpers compiled, or compile here what they could not
+        if group in helper_groups:
+            run_here(group, timed=group not in seconds)
+    return seconds
+
+
+def _start_helper(share, report):
+    from .threads import get_num_threads
+
+    try:
+        process = subprocess.Popen([sys.executable, "-m", __name__, "--threads", str(get_num_threads()), *share],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                   text=True)
+    except OSError:
+        return None
+
+    def read():
+        for line in process.stdout:
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "compiled" and parts[1] in _WARMERS:
+                report(parts[1], float(parts[2]))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return process, reader
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Compile kernel groups into Numba's disk cache.")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("groups", nargs="+", choices=GROUPS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        from .threads import set_num_threads
+
+        set_num_threads(args.threads)
+    for group in args.groups:
+        start = time.perf_counter()
+        _WARMERS[group]()
+        print(f"compiled {group} {time.perf_counter() - start:.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
