@@ -246,7 +246,8 @@ def _codegen(kind, mr, nr, lanes, vectors):
         for i in range(mr):
             for v in range(vectors):
                 accs[i][v].add_incoming(new_accs[i][v], loop_end)
-        builder.cbranch(builder.icmp_signed("<", p_next, groups), loop, done)
+        back_edge = builder.cbranch(builder.icmp_signed("<", p_next, groups), loop, done)
+        _no_unroll(builder.module, back_edge)
 
         builder.position_at_end(done)
         phis = []
@@ -307,6 +308,18 @@ def _codegen(kind, mr, nr, lanes, vectors):
         return context.get_dummy_value()
 
     return codegen
+
+
+_loop_ids = iter(range(1 << 62))
+
+
+def _no_unroll(module, branch):
+    """Mark the k loop llvm.loop.unroll.disable: unrolled, its mr*vectors accumulators (plus the B vectors
+    and A broadcasts) no longer fit the register file and LLVM spills them every step."""
+    disable = module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")])
+    loop_id = module.add_metadata([ir.MetaDataString(module, f"vitnp.qgemm.k.{next(_loop_ids)}"), disable])
+    loop_id.operands = (loop_id, disable)  # a loop ID refers to itself
+    branch.set_metadata("llvm.loop", loop_id)
 
 
 def _store_ragged(builder, c_rows, values, lanes, add_flag, rows, cols):
