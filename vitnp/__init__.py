@@ -16,7 +16,6 @@ os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from . import errors  # noqa: E402
-from .classifier import Classifier, classify, load  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
@@ -28,6 +27,17 @@ from .errors import (  # noqa: E402
 )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The engine (numba, the kernels, the ISA choice) loads on first use, so `vitnp --help` and the CLI's
+    # own error handling come first.
+    if name in ("Classifier", "classify", "load"):
+        from . import classifier
+
+        return getattr(classifier, name)
+    raise AttributeError(f"module 'vitnp' has no attribute {name!r}")
+
 __all__ = [
     "Classifier", "classify", "load", "errors", "VitnpError", "ImageError", "ParameterError", "ConfigError",
     "CheckpointError", "ModelNotFoundError", "OfflineError", "__version__",

@@ -125,6 +125,7 @@ class Classifier:
         from .kernels.qlinear import describe_kernel
 
         return {"backend": self.backend, "threads": self.threads or kernels.get_num_threads(),
+                "isa": kernels.isa.describe(),
                 "precision": self.precision, "precision_kernel": describe_kernel(self.precision),
                 "layers": {name: lin.report() for name, lin in linears.items()}}
 

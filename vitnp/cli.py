@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -27,13 +28,14 @@ def positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitnp", description="ViT / DeiT image classification in NumPy + Numba.")
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=VersionAction, nargs=0,
+                        help="show the version, the CPU and which kernel ISA runs, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     c = sub.add_parser("classify", help="classify image files or directories of images",
                        description="Classify images. Directories are searched recursively for image files.")
-    c.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    c.add_argument("inputs", nargs="+", metavar="IMAGE_DIR_OR_GLOB")
     c.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"Hub id, local directory or bundled:<name> (default: {DEFAULT_MODEL})")
     c.add_argument("--revision", help="Hub revision (branch, tag or commit)")
@@ -64,17 +66,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _version() -> str:
+def version_text() -> str:
+    """The version plus what the engine runs on: the kernels' ISA (and whether VITNP_ISA forced it), the
+    code generator's CPU, the cores and the library versions."""
     from . import __version__
 
-    return f"vitnp {__version__}"
+    lines = [f"vitnp {__version__}"]
+    try:
+        import numba
+        import numpy
+
+        from .kernels import isa
+    except RuntimeError as e:  # kernels.isa.IsaError
+        return "\n".join(lines + [f"kernels: unavailable: {e}"])
+    d = isa.describe()
+    lines.append(f"kernels: {d['isa']}{' (forced by VITNP_ISA)' if d['forced'] else ''}, GEMM tile {d['gemm_tile']}, "
+                 f"{d['vector_lanes']} float32 lanes; code generated for {d['codegen_cpu']}")
+    lines.append(f"cpu: {d['cpu_model']} ({d['host_cpu']}, widest ISA {d['host_isa']}), {os.cpu_count()} cores")
+    lines.append(f"numba {numba.__version__}, numpy {numpy.__version__}")
+    return "\n".join(lines)
+
+
+class VersionAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
 
 
 def find_images(inputs: list[str]) -> list[str]:
-    """Expand directories (recursively, sorted) into image files; plain paths are kept as given."""
+    """Expand directories (recursively, sorted) and glob patterns (sorted; ** recurses) into image files;
+    plain paths are kept as given."""
     found = []
     for item in inputs:
-        if os.path.isdir(item):
+        if not os.path.exists(item) and glob.has_magic(item):
+            found.extend(find_images(sorted(glob.glob(item, recursive=True))) or [item])
+        elif os.path.isdir(item):
             for root, dirs, files in os.walk(item):
                 dirs.sort()
                 found.extend(os.path.join(root, f) for f in sorted(files)
@@ -149,13 +175,28 @@ def _emit(args, path: str, predictions=None, error=None, bar=None) -> None:
         print(text, file=stream, flush=True)
 
 
+def isa_error() -> str | None:
+    """The problem with VITNP_ISA (unknown, or wider than this CPU runs), if any."""
+    try:
+        from .kernels import isa  # noqa: F401  (reads VITNP_ISA once per process)
+    except RuntimeError as e:  # kernels.isa.IsaError
+        return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "serve":
+    serving = bool(argv) and argv[0] == "serve"
+    if not serving:
+        args = build_parser().parse_args(argv)  # --help / --version / usage errors need no engine
+    error = isa_error()
+    if error:
+        print(f"vitnp: {error}", file=sys.stderr)
+        return 2
+    if serving:
         from .server import main as serve_main
 
         return serve_main(argv[1:])
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
