@@ -1,7 +1,9 @@
 """Per-kernel benchmark: Numba GEMM vs BLAS on the ViT-B Linear shapes, plus attention, LayerNorm, GELU.
 
-Run (unset the OpenBLAS overrides only for this command; they make OpenBLAS use its Haswell kernels):
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE /work/venv/bin/python benchmarks/bench_kernels.py
+Run:
+    python benchmarks/bench_kernels.py              # the host's ISA
+    python benchmarks/bench_kernels.py --isa avx2   # as an AVX2-only CPU runs it (vitnp and OpenBLAS)
+The script re-runs itself without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (they pin OpenBLAS to a slower kernel).
 Writes benchmarks/results/kernels.json.  The machine is shared, so every number is the median of
 several timed repetitions, and the spread (min..max) is recorded next to it.
 """
@@ -15,6 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 SEQ = 197       # ViT-B/16 at 224x224: 196 patches + [CLS]
 WIDTH = 768
@@ -175,9 +180,16 @@ def main(argv=None):
     parser.add_argument("--only", choices=["gemm", "attention", "elementwise", "epilogues"], nargs="+")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).resolve().parent / "results" / "kernels.json")
+    common.add_isa_argument(parser)
+    parser.add_argument("--no-reexec", action="store_true",
+                        help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE if set (by default the script re-runs "
+                             "itself without them)")
     args = parser.parse_args(argv)
+    common.reexec_without_blas_overrides(args.no_reexec, args.isa)
 
-    pessimistic = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
+    emulated = common.ISA_EMULATION.get(os.environ.get(common.ISA_MARKER, ""), {})
+    pessimistic = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                   if v in os.environ and emulated.get(v) != os.environ[v]]
     if pessimistic:
         print(f"WARNING: {', '.join(pessimistic)} set in the environment; OpenBLAS runs a slower kernel "
               f"and the BLAS numbers are pessimistic. Run with "
@@ -210,10 +222,13 @@ def main(argv=None):
               f"competing for the cores and multi-threaded timings will be noisy (--threads 1 measures "
               f"per-thread CPU time, which is robust to that).", file=sys.stderr)
 
-    results = {"command": " ".join([sys.executable] + sys.argv), "threads": threads, "blas": blas,
+    machine = common.machine_info()
+    common.print_machine(machine)
+    results = {"command": " ".join([sys.executable] + sys.argv), "machine": machine, "threads": threads,
+               "blas": blas,
                "threading_layer": layer, "clock": "thread_time" if threads == 1 else "perf_counter",
                "openblas_env_overrides": pessimistic, "loadavg_start": load,
-               "cpu": platform.processor() or platform.machine(), "numba": numba.__version__}
+               "cpu": machine["cpu"], "isa": machine["vitnp_kernels"]["isa"], "numba": numba.__version__}
     if "gemm" in parts:
         print("GEMM without bias (GFLOP/s, median of reps; best in parentheses):")
         results["gemm"] = bench_gemm(args.batches, args.reps, kernels)

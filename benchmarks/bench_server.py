@@ -276,6 +276,7 @@ def parse_args(argv=None):
                    help="extra `vitnp serve` argument, e.g. --server-arg=--threads=2 (repeatable)")
     p.add_argument("--quick", action="store_true", help="1 round, 2 requests per client, writes server-quick.json")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
+    common.add_isa_argument(p)
     p.add_argument("--no-reexec", action="store_true",
                    help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (default: re-run without them)")
     args = p.parse_args(argv)
@@ -290,7 +291,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    common.reexec_without_blas_overrides(args.no_reexec)
+    common.reexec_without_blas_overrides(args.no_reexec, args.isa)
     args.machine = common.machine_info()
     common.print_machine(args.machine)
     data = run(args)

@@ -270,6 +270,7 @@ def parse_args(argv=None):
                    help="passed to `vitnp classify --backend` (default: the CLI's default)")
     p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     p.add_argument("--no-plot", action="store_true")
+    common.add_isa_argument(p)
     p.add_argument("--no-reexec", action="store_true",
                    help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (default: re-run without them)")
     args = p.parse_args(argv)
@@ -289,7 +290,7 @@ def _system_list(text: str) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    common.reexec_without_blas_overrides(args.no_reexec)
+    common.reexec_without_blas_overrides(args.no_reexec, args.isa)
     data = run(args)
     print_targets(data["targets"], data["summary"])
     if data["missing"]:

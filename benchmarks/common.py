@@ -43,28 +43,77 @@ def clean_env(extra: dict | None = None) -> dict:
     return env
 
 
-def reexec_without_blas_overrides(no_reexec: bool) -> None:
-    """Re-run this script in a child without the OpenBLAS overrides, then exit with the child's status.
+# Running as a CPU of a narrower ISA would run it: vitnp's kernels generated for that CPU class (VITNP_ISA),
+# OpenBLAS on its kernel for such a CPU, PyTorch's ATen kernels capped at that ISA.  ONNX Runtime picks its
+# kernels from CPUID at run time and has no switch, so it keeps running the host's widest kernels: on an
+# AVX-512 host, an --isa avx2 run compares vitnp's AVX2 build with ORT's AVX-512 one (harder than on a real
+# AVX2 CPU).
+ISA_EMULATION = {
+    "avx2": {"VITNP_ISA": "avx2", "OPENBLAS_CORETYPE": "Haswell", "ATEN_CPU_CAPABILITY": "avx2"},
+    "generic": {"VITNP_ISA": "generic", "OPENBLAS_CORETYPE": "Core2", "ATEN_CPU_CAPABILITY": "default"},
+}
+ISA_MARKER = "VITNP_BENCH_EMULATED_ISA"
+NOT_EMULATED = ("onnxruntime",)
 
-    Does nothing when --no-reexec was given, when the variables are not set, or inside the child itself.
+
+def add_isa_argument(parser) -> None:
+    parser.add_argument("--isa", choices=("native", *ISA_EMULATION), default="native",
+                        help="run as a CPU of this ISA would: vitnp's kernels for it (VITNP_ISA), OpenBLAS and "
+                             "PyTorch limited to it (ONNX Runtime cannot be; default: native)")
+
+
+def reexec_without_blas_overrides(no_reexec: bool, isa: str = "native") -> None:
+    """Re-run this script in a child without the OpenBLAS overrides (and, with isa, set up to run as a CPU of
+    that ISA would), then exit with the child's status.
+
+    Does nothing inside the child itself, or when neither is needed; --no-reexec keeps the overrides.
     """
-    present = [v for v in BLAS_OVERRIDES if v in os.environ]
-    if no_reexec or not present or os.environ.get(REEXEC_MARKER):
+    if os.environ.get(REEXEC_MARKER) is not None:
         return
-    print(f"[bench] re-executing without {', '.join(present)} (use --no-reexec to keep them)", flush=True)
-    child_env = clean_env({REEXEC_MARKER: ",".join(f"{v}={os.environ[v]}" for v in present)})
-    status = subprocess.call([sys.executable, *sys.argv], env=child_env)
+    emulation = ISA_EMULATION.get(isa, {})
+    present = [v for v in BLAS_OVERRIDES if v in os.environ] if not no_reexec else []
+    if not present and not emulation:
+        return
+    if present:
+        print(f"[bench] re-executing without {', '.join(present)} (use --no-reexec to keep them)", flush=True)
+    extra = {REEXEC_MARKER: ",".join(f"{v}={os.environ[v]}" for v in present)}
+    if emulation:
+        print(f"[bench] running as an {isa} CPU would: {' '.join(f'{k}={v}' for k, v in emulation.items())} "
+              f"(not possible for: {', '.join(NOT_EMULATED)})", flush=True)
+        extra.update(emulation)
+        extra[ISA_MARKER] = isa
+    env = clean_env(extra) if present else {**os.environ, **extra}
+    status = subprocess.call([sys.executable, *sys.argv], env=env)
     sys.exit(status)
 
 
 def blas_override_note() -> str:
     removed = os.environ.get(REEXEC_MARKER)
-    present = [f"{v}={os.environ[v]}" for v in BLAS_OVERRIDES if v in os.environ]
+    emulated = ISA_EMULATION.get(os.environ.get(ISA_MARKER, ""), {})
+    present = [f"{v}={os.environ[v]}" for v in BLAS_OVERRIDES
+               if v in os.environ and emulated.get(v) != os.environ[v]]
     if present:
         return f"WARNING: {', '.join(present)} in effect: numpy's OpenBLAS runs a slower kernel"
-    if removed:
-        return f"removed for this run: {removed}"
-    return "not set"
+    notes = [f"removed for this run: {removed}"] if removed else []
+    if emulated:
+        notes.append(f"OPENBLAS_CORETYPE={emulated['OPENBLAS_CORETYPE']} to run as an "
+                     f"{os.environ[ISA_MARKER]} CPU would")
+    return "; ".join(notes) or "not set"
+
+
+def isa_info() -> dict:
+    """The vector ISA vitnp's kernels run (and the host's), the CPU features that matter, and what an --isa
+    emulation could not limit."""
+    from vitnp.kernels import isa
+
+    features = isa.host_features()
+    info = {"vitnp_kernels": isa.describe(),
+            "cpu_flags": sorted(f for f in features if f.startswith(("avx", "fma", "amx"))),
+            "emulated_isa": os.environ.get(ISA_MARKER)}
+    if info["emulated_isa"]:
+        info["emulation_env"] = ISA_EMULATION[info["emulated_isa"]]
+        info["not_emulated"] = list(NOT_EMULATED)
+    return info
 
 
 # -- machine ---------------------------------------------------------------------------------------------------
@@ -133,6 +182,7 @@ def machine_info() -> dict:
         load = None
     return {
         "cpu": cpu_model(),
+        **isa_info(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": affinity,
         "load_average_at_start": load,
@@ -151,6 +201,11 @@ def machine_info() -> dict:
 def print_machine(info: dict) -> None:
     v = {k: val for k, val in info["versions"].items() if val}
     print(f"machine: {info['cpu']}, {info['usable_cpus']} usable CPUs, load average {info['load_average_at_start']}")
+    k = info["vitnp_kernels"]
+    print(f"ISA: vitnp kernels {k['isa']} (GEMM tile {k['gemm_tile']}, code for {k['codegen_cpu']}); host "
+          f"{k['host_cpu']} widest {k['host_isa']}; flags {' '.join(info['cpu_flags'])}")
+    if info["emulated_isa"]:
+        print(f"running as an {info['emulated_isa']} CPU would, except: {', '.join(info['not_emulated'])}")
     print("versions: python " + info["python"] + ", " + ", ".join(f"{k} {val}" for k, val in v.items()))
     src = info["vitnp_source"]
     if "commit" in src:
