@@ -46,12 +46,12 @@ _micro_mid = make_microkernel(MR_MID, NR, SPEC.lanes, prefetch_b=True)
 _micro_small = make_microkernel(MR_SMALL, NR, SPEC.lanes, prefetch_b=True)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _cdiv(a, b):
     return (a + b - 1) // b
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _row_block(rows):
     """Rows of A packed per slab: at most MC_MAX, split evenly, whole micro-panels."""
     blocks = _cdiv(rows, MC_MAX)
@@ -104,7 +104,7 @@ def _pack_b(w_flat, cols_total, k0, kc, col0, cols, b_buf):
                 b_buf[dst + j] = 0.0
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, inline="always")
 def _micro_rows(rows, a_buf, a_off, b, b_off, ldb, out_flat, c_off, ldc, kc, accumulate, cols,
                 pf_off=-1, pf_shift=63):
     """The micro-kernel for a row panel of `rows` <= MR rows: a shorter kernel for the ragged last
@@ -122,13 +122,13 @@ def _micro_rows(rows, a_buf, a_off, b, b_off, ldb, out_flat, c_off, ldc, kc, acc
                      pf_off, pf_shift)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, inline="always")
 def _add_bias_serial(out_row, bias_row):
     for j in range(out_row.size):
         out_row[j] += bias_row[j]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, inline="always")
 def _finish_tile(out_flat, ldc, row, rows, col, cols, bias, has_bias, epilogue):
     """Bias and GELU on out[row:row+rows, col:col+cols] right after its last K slab (still in L1/L2)."""
     for i in range(rows):

@@ -30,7 +30,7 @@ _micro_out = make_microkernel(OR, QB, SPEC.lanes)
 _softmax_columns = make_column_softmax(QB, SPEC.lanes)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _cdiv(a, b):
     return (a + b - 1) // b
 
