@@ -44,13 +44,15 @@ def clean_env(extra: dict | None = None) -> dict:
 
 
 # Running as a CPU of a narrower ISA would run it: vitnp's kernels generated for that CPU class (VITNP_ISA),
-# OpenBLAS on its kernel for such a CPU, PyTorch's ATen kernels capped at that ISA.  ONNX Runtime picks its
+# OpenBLAS on its kernel for such a CPU, PyTorch's ATen, MKL and oneDNN kernels capped at that ISA.  ONNX Runtime picks its
 # kernels from CPUID at run time and has no switch, so it keeps running the host's widest kernels: on an
 # AVX-512 host, an --isa avx2 run compares vitnp's AVX2 build with ORT's AVX-512 one (harder than on a real
 # AVX2 CPU).
 ISA_EMULATION = {
-    "avx2": {"VITNP_ISA": "avx2", "OPENBLAS_CORETYPE": "Haswell", "ATEN_CPU_CAPABILITY": "avx2"},
-    "generic": {"VITNP_ISA": "generic", "OPENBLAS_CORETYPE": "Core2", "ATEN_CPU_CAPABILITY": "default"},
+    "avx2": {"VITNP_ISA": "avx2", "OPENBLAS_CORETYPE": "Haswell", "ATEN_CPU_CAPABILITY": "avx2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "generic": {"VITNP_ISA": "generic", "OPENBLAS_CORETYPE": "Core2", "ATEN_CPU_CAPABILITY": "default",
+                "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"},
 }
 ISA_MARKER = "VITNP_BENCH_EMULATED_ISA"
 NOT_EMULATED = ("onnxruntime",)
