@@ -13,7 +13,8 @@ Each measurement is a fresh child process classifying one image (examples/cats.j
 Per child: wall time from spawn to the first line it prints (the first result) and to exit, and its peak RSS
 (ru_maxrss from os.wait4 on that child alone).  A second child per system and round reports the phases from inside
 (import, weight load / pipeline build, first and second classification) so the weight-load time is known.
-Rounds alternate the systems.  Targets (warm JIT): vitnp time to first result <= 1.5 s and peak RSS <= 450 MB.
+Rounds alternate the systems.  Targets: cold (round 1: empty Numba cache and vitnp cache) first result <= 12 s; warm
+vitnp time to first result <= 1.0 s and peak RSS <= 450 MB.
 
 OpenBLAS overrides: when OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set the script re-executes itself in a child
 process with both removed from the environment (so every measured process runs without them); --no-reexec keeps
@@ -37,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 SYSTEMS = ("vitnp", "transformers")
-TARGET_SECONDS = 1.5
+TARGET_SECONDS = 1.0       # warm: process start to first result
+TARGET_COLD_SECONDS = 12.0  # cold: empty Numba cache and no stored auto decisions (a fresh install)
 TARGET_RSS_MB = 450.0
 
 VITNP_PHASES = r"""
@@ -98,7 +100,7 @@ def run_child(cmd: list[str], env: dict) -> dict:
         tail = (stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"{' '.join(cmd[:3])} ... exited with {proc.returncode}: {tail}")
     return {"first_result_s": t_first - t0, "exit_s": t_exit - t0, "peak_rss_mb": usage.ru_maxrss / 1024.0,
-            "stdout": first_line + rest}
+            "stdout": first_line + rest, "stderr_first_line": (stderr.strip().splitlines() or [""])[0]}
 
 
 def measure_round(system: str, args, checkpoint: Path, env: dict, phases: bool = True) -> dict:
@@ -142,9 +144,10 @@ def run(args) -> dict:
     print(f"checkpoint: {checkpoint}; image: {args.image}; rounds: {args.runs}; vitnp CLI: {' '.join(vitnp_command())}")
     numba_cache = common.fresh_numba_cache()
     # Children inherit this environment (free of the OpenBLAS overrides unless --no-reexec), offline, and share
-    # one Numba cache directory that starts empty: round 1 compiles, later rounds load the compiled kernels.
-    env = dict(os.environ, NUMBA_CACHE_DIR=numba_cache, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               TQDM_DISABLE="1")
+    # one Numba cache directory and one vitnp cache (the auto backend's stored decisions) that start empty, as
+    # on a fresh install: round 1 compiles and times, later rounds load the kernels and the decisions.
+    env = dict(os.environ, NUMBA_CACHE_DIR=numba_cache, VITNP_CACHE_DIR=os.path.join(numba_cache, "vitnp"),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
     runs = {s: [] for s in args.systems}
     errors = {}
     try:
@@ -167,7 +170,7 @@ def run(args) -> dict:
                 ph = r["phases"]
                 phase_text = (f"; phases: import {ph['import_s']:.2f} s, load {ph['load_s']:.2f} s, first classify "
                               f"{ph['first_classify_s']:.2f} s, second {ph['second_classify_s']:.3f} s" if ph
-                              else " (cold JIT cache)")
+                              else f" (cold JIT cache; stderr: {r['stderr_first_line']!r})")
                 print(f"  round {i + 1} {system:<12s} first result {r['first_result_s']:.2f} s, exit "
                       f"{r['exit_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB{phase_text}", flush=True)
     finally:
@@ -215,7 +218,10 @@ def evaluate_targets(summary: dict) -> list[dict]:
     s = summary.get("vitnp (warm JIT)")
     if not s:
         return []
-    return [
+    cold = summary.get("vitnp (cold JIT)")
+    return ([{"metric": "cold_first_result_s", "value": cold["first_result_s"],
+              "target": f"<= {TARGET_COLD_SECONDS}", "pass": cold["first_result_s"] <= TARGET_COLD_SECONDS}]
+            if cold else []) + [
         {"metric": "first_result_s", "value": s["first_result_s"], "target": f"<= {TARGET_SECONDS}",
          "pass": s["first_result_s"] <= TARGET_SECONDS},
         {"metric": "peak_rss_mb", "value": s["peak_rss_mb"], "target": f"<= {TARGET_RSS_MB:.0f}",
@@ -230,8 +236,12 @@ def print_targets(targets: list[dict], summary: dict) -> None:
     ref = summary.get("transformers pipeline")
     print("\ntargets (vitnp CLI, warm JIT cache):")
     for t in targets:
-        unit = "s" if t["metric"] == "first_result_s" else "MB"
-        what = "process start to first result" if unit == "s" else "peak RSS"
+        unit = "s" if t["metric"].endswith("_s") else "MB"
+        what = {"first_result_s": "process start to first result", "peak_rss_mb": "peak RSS",
+                "cold_first_result_s": "first run ever (empty caches): start to first result"}[t["metric"]]
+        if t["metric"] == "cold_first_result_s":
+            print(f"{'PASS' if t['pass'] else 'FAIL'}  {what}: {t['value']:.2f} s (target {t['target']} s)")
+            continue
         versus = f"; transformers pipeline {ref[t['metric']]:.{2 if unit == 's' else 0}f} {unit}" if ref else ""
         print(f"{'PASS' if t['pass'] else 'FAIL'}  {what}: {t['value']:.{2 if unit == 's' else 0}f} {unit} "
               f"(target {t['target']} {unit}{versus})")
