@@ -13,6 +13,7 @@ BACKENDS = ("auto", "numba", "blas")
 K_BY_N = "k_by_n"   # (K, N) C-contiguous: read by BLAS and (in place) by the Numba GEMM
 PANELS = "panels"   # gemm.pack_weight layout: Numba GEMM only
 AUTO_REPEATS = 5
+AUTO_SETTLE_SECONDS = 0.1  # > OpenBLAS's default worker spin (2**28 cycles): each block starts on idle cores
 
 
 # (M, K, N) -> "numba" | "blas", shared by all Linear layers: the twelve blocks of a ViT have identical
@@ -102,38 +103,42 @@ class Linear:
 
     def _time_backends(self, key):
         """Time both backends on a synthetic weight of this shape, each in the layout it would use (the
-        layer's own weight is in only one of them), and each as it runs in a forward pass: between two
-        Numba parallel regions (the LayerNorm before a projection, the kernel after it).
+        layer's own weight is in only one of them), and each as it runs in a forward pass: between Numba
+        parallel regions, the LayerNorm before it and a Numba GEMM of the same shape after it.
 
-        Numba's OpenMP pool and OpenBLAS's pool each spin for a while after their work, so a BLAS call
-        between Numba kernels can lose (or cost its neighbours) far more than its own time in isolation.
-        Timing the sandwich measures that hand-over on this machine instead of guessing it with a fixed
-        margin, so the choice is the faster of the two where it is used, on any CPU and ISA.
+        Numba's OpenMP pool and OpenBLAS's pool each spin for a while after their work (OpenBLAS ~60 ms by
+        default, unless OPENBLAS_THREAD_TIMEOUT was set before numpy loaded), and a spinning pool takes
+        cores from the kernels that follow.  So what a BLAS call costs in a forward pass includes the slowdown
+        of the Numba kernels after it; the same-shape Numba GEMM after each candidate puts that in the
+        candidate's time.  Each candidate is timed in its own block after a pause, so one's after-effects
+        never land in the other's time.  The faster in context is chosen, on any CPU and ISA.
         """
         rows = key[0]
         rng = np.random.default_rng(0)
         x = rng.standard_normal((rows, self.in_features), dtype=np.float32)
         out = np.empty((rows, self.out_features), np.float32)
+        after = np.empty_like(out)
         weight_t = rng.standard_normal((self.in_features, self.out_features), dtype=np.float32)
-        candidates = {"numba": (PANELS, _gemm.pack_weight(weight_t)), "blas": (K_BY_N, weight_t)}
-        normed_in = np.empty_like(x)
-        normed_out = np.empty_like(out)
-        gamma_in, beta_in = np.ones(self.in_features, np.float32), np.zeros(self.in_features, np.float32)
-        gamma_out, beta_out = np.ones(self.out_features, np.float32), np.zeros(self.out_features, np.float32)
+        packed = (PANELS, _gemm.pack_weight(weight_t))
+        candidates = {"numba": packed, "blas": (K_BY_N, weight_t)}
+        normed = np.empty_like(x)
+        gamma, beta = np.ones(self.in_features, np.float32), np.zeros(self.in_features, np.float32)
 
         def in_context(name, weight):
-            layernorm(x, gamma_in, beta_in, 1e-6, normed_in)
-            self._run(name, weight, normed_in, out, "none")
-            layernorm(out, gamma_out, beta_out, 1e-6, normed_out)
+            layernorm(x, gamma, beta, 1e-6, normed)
+            self._run(name, weight, normed, out, "none")
+            self._run("numba", packed, normed, after, "none")
 
-        for name, weight in candidates.items():  # compile / warm up both before timing either
-            in_context(name, weight)
-        times = {name: [] for name in candidates}
-        for _ in range(AUTO_REPEATS):  # interleaved, so a burst of other load hits both alike
-            for name, weight in candidates.items():
+        times = {}
+        for name, weight in candidates.items():
+            in_context(name, weight)  # compile / warm up
+            time.sleep(AUTO_SETTLE_SECONDS)
+            times[name] = []
+            for _ in range(AUTO_REPEATS):
                 start = time.perf_counter()
                 in_context(name, weight)
                 times[name].append(time.perf_counter() - start)
+        time.sleep(AUTO_SETTLE_SECONDS)
         best = {name: min(t) for name, t in times.items()}
         choice = "blas" if best["blas"] < best["numba"] else "numba"
         _auto_timings[key] = best
