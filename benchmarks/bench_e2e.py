@@ -16,6 +16,9 @@ Systems, all in this one process and all given the same number of threads (--thr
                TorchScript exporter if that fails, e.g. without onnxscript; cached under the checkpoint cache),
                graph optimisations ORT_ENABLE_ALL, `threads` intra-op threads
   naive-numpy  benchmarks/naive_numpy.py, a picoGPT-style pure-NumPy forward (np.matmul, np.exp softmax, erf formula)
+  vitnp-int8 / vitnp-bf16   vitnp.load(dir, precision="int8" / "bf16") (numba GEMM; docs/precision.md)
+  ort-int8     ONNX Runtime on the same export quantised by quantize_dynamic(per_channel=True, QInt8 weights)
+               (benchmarks/ort_quant.py; cached next to the fp32 export)
 
 Method: for each batch size every system is called once (the first-call time is recorded: for vitnp it includes
 loading the Numba cache, or compiling when the cache is cold) and warmed up, then the timed repetitions run
@@ -45,7 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 VITNP_SYSTEMS = ("vitnp-numba", "vitnp-blas", "vitnp-auto")
-ALL_SYSTEMS = (*VITNP_SYSTEMS, "torch", "ort", "naive-numpy")
+PRECISION_SYSTEMS = ("vitnp-int8", "vitnp-bf16")
+ALL_SYSTEMS = (*VITNP_SYSTEMS, "torch", "ort", "naive-numpy", *PRECISION_SYSTEMS, "ort-int8")
+TARGET_INT8_VS_ORT_INT8 = 0.9  # vitnp int8 latency / ORT int8 latency, at most
+TARGET_INT8_VS_ORT = 0.5       # vitnp int8 latency / ORT fp32 latency, at most
 TARGET_ORT_RATIO = 1.0       # vitnp latency / ONNX Runtime latency, at most
 TARGET_TORCH_SPEEDUP = 2.3   # PyTorch eager latency / vitnp latency, at least
 
@@ -65,16 +71,18 @@ class System:
 
 
 class Vitnp(System):
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, precision: str = "fp32"):
         self.backend = backend
-        self.name = f"vitnp-{backend}"
-        self.label = f"vitnp ({backend} GEMM)"
+        self.precision = precision
+        self.name = f"vitnp-{backend}" if precision == "fp32" else f"vitnp-{precision}"
+        self.label = f"vitnp ({backend} GEMM)" if precision == "fp32" else f"vitnp ({precision})"
 
     def setup(self, checkpoint, threads):
         import vitnp
 
         t0 = time.perf_counter()
-        self.clf = vitnp.load(checkpoint, backend=self.backend, threads=threads, progress=False)
+        self.clf = vitnp.load(checkpoint, backend=self.backend, threads=threads, progress=False,
+                              precision=self.precision)
         return {"load_s": time.perf_counter() - t0}
 
     def __call__(self, pixel_values):
@@ -147,10 +155,29 @@ class NaiveNumpy(System):
         return self.model.logits(pixel_values)
 
 
+class OnnxRuntimeInt8(OnnxRuntime):
+    name = "ort-int8"
+    label = "ONNX Runtime int8 (quantize_dynamic)"
+
+    def setup(self, checkpoint, threads):
+        import ort_quant
+
+        details = export_onnx(checkpoint)
+        details.update(ort_quant.export_int8(details["path"]))
+        t0 = time.perf_counter()
+        self.session = ort_quant.session(details["path"], threads)
+        self.input_name = self.session.get_inputs()[0].name
+        details.update(load_s=time.perf_counter() - t0, providers=self.session.get_providers(),
+                       graph_optimization_level="ORT_ENABLE_ALL", intra_op_threads=threads)
+        return details
+
+
 def make_system(name: str) -> System:
     if name in VITNP_SYSTEMS:
         return Vitnp(name.split("-", 1)[1])
-    return {"torch": TorchEager, "ort": OnnxRuntime, "naive-numpy": NaiveNumpy}[name]()
+    if name in PRECISION_SYSTEMS:
+        return Vitnp("numba", precision=name.split("-", 1)[1])
+    return {"torch": TorchEager, "ort": OnnxRuntime, "naive-numpy": NaiveNumpy, "ort-int8": OnnxRuntimeInt8}[name]()
 
 
 def onnx_cache_path(checkpoint: Path) -> Path:
@@ -333,6 +360,8 @@ def run(args) -> dict:
             ort_row, torch_row = rows.get("ort"), rows.get("torch")
             row["latency_vs_ort"] = row["median_ms"] / ort_row["median_ms"] if ort_row else None
             row["speedup_vs_torch"] = torch_row["median_ms"] / row["median_ms"] if torch_row else None
+            ort_int8_row = rows.get("ort-int8")
+            row["latency_vs_ort_int8"] = row["median_ms"] / ort_int8_row["median_ms"] if ort_int8_row else None
             results.append(row)
         print_batch_table(batch, flops / batch, list(rows.values()))
 
@@ -362,14 +391,15 @@ def run(args) -> dict:
 
 
 def print_batch_table(batch: int, gflop_per_img: float, rows: list[dict]) -> None:
-    headers = ["system", "median ms", "ms/img", "img/s", "GFLOP/s", "min..max ms", "vs ORT", "vs torch",
-               "first call ms", "max|diff| vs torch"]
+    headers = ["system", "median ms", "ms/img", "img/s", "GFLOP/s", "min..max ms", "vs ORT", "vs ORT int8",
+               "vs torch", "first call ms", "max|diff| vs torch"]
     table = []
     for r in rows:
         table.append([
             r["system"], f"{r['median_ms']:.1f}", f"{r['ms_per_img']:.1f}", f"{r['img_per_s']:.2f}",
             f"{r['gflops']:.1f}", f"{r['min_ms']:.0f}..{r['max_ms']:.0f}",
             f"{r['latency_vs_ort']:.2f}x" if r["latency_vs_ort"] else "-",
+            f"{r['latency_vs_ort_int8']:.2f}x" if r.get("latency_vs_ort_int8") else "-",
             f"{r['speedup_vs_torch']:.2f}x faster" if r["speedup_vs_torch"] else "-",
             f"{r['first_call_ms']:.0f}",
             f"{r['max_abs_diff_vs_torch']:.1e}" if r["max_abs_diff_vs_torch"] is not None else "-",
@@ -388,6 +418,14 @@ def evaluate_targets(results: list[dict]) -> list[dict]:
             targets.append({"system": row["system"], "batch": row["batch"], "metric": "latency_vs_ort",
                             "value": row["latency_vs_ort"], "target": f"<= {TARGET_ORT_RATIO}",
                             "pass": row["latency_vs_ort"] <= TARGET_ORT_RATIO})
+        if row["system"] == "vitnp-int8" and row.get("latency_vs_ort_int8") is not None:
+            targets.append({"system": row["system"], "batch": row["batch"], "metric": "latency_vs_ort_int8",
+                            "value": row["latency_vs_ort_int8"], "target": f"<= {TARGET_INT8_VS_ORT_INT8}",
+                            "pass": row["latency_vs_ort_int8"] <= TARGET_INT8_VS_ORT_INT8})
+        if row["system"] == "vitnp-int8" and row["latency_vs_ort"] is not None:
+            targets.append({"system": row["system"], "batch": row["batch"], "metric": "int8_latency_vs_ort",
+                            "value": row["latency_vs_ort"], "target": f"<= {TARGET_INT8_VS_ORT}",
+                            "pass": row["latency_vs_ort"] <= TARGET_INT8_VS_ORT})
         if row["speedup_vs_torch"] is not None:
             targets.append({"system": row["system"], "batch": row["batch"], "metric": "speedup_vs_torch",
                             "value": row["speedup_vs_torch"], "target": f">= {TARGET_TORCH_SPEEDUP}",
@@ -401,8 +439,10 @@ def print_targets(targets: list[dict]) -> None:
         return
     print("\ntargets:")
     for t in targets:
-        what = ("latency / ONNX Runtime latency" if t["metric"] == "latency_vs_ort"
-                else "speed-up over PyTorch eager")
+        what = {"latency_vs_ort": "latency / ONNX Runtime latency",
+                "int8_latency_vs_ort": "latency / ONNX Runtime (fp32) latency",
+                "latency_vs_ort_int8": "latency / ONNX Runtime int8 latency"}.get(t["metric"],
+                                                                               "speed-up over PyTorch eager")
         print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['system']:<12s} batch {t['batch']:<2d} "
               f"{what}: {t['value']:.2f}x (target {t['target']}x)")
 
