@@ -213,7 +213,13 @@ def load_weights(model_dir: str | Path, cfg: ViTConfig, backend: str = "auto", p
 
     def linear(prefix: str, reduced=True):
         bias = get(prefix + ".bias") if prefix + ".bias" in tensors else None
-        return make_linear(get(prefix + ".weight"), bias, reduced)
+        name = prefix + ".weight"
+        if reduced and precision != "fp32" and tensors[name].entries[name][0] == "F32":
+            # Quantised / rounded straight from the mapped file: no float32 copy of the weight at all.
+            layer = QLinear(tensors[name].view(name), bias, precision=precision)
+            tensors[name].release(name)
+            return layer
+        return make_linear(get(name), bias, reduced)
 
     D = cfg.hidden_size
     pos = get(f"{p}.embeddings.position_embeddings").reshape(cfg.seq_len, D)
