@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import glob
 import io
 import json
 import logging
@@ -280,13 +279,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     """Directories (recursively) and glob patterns -> image files, as the local CLI finds them."""
     from .cli import find_images
 
-    expanded = []
-    for item in inputs:
-        if not os.path.exists(item) and glob.has_magic(item):
-            expanded.extend(sorted(glob.glob(item, recursive=True)))
-        else:
-            expanded.append(item)
-    return find_images(expanded)
+    return find_images(inputs)
 
 
 def run_job(paths: list[str], model: SharedModel, output: str | os.PathLike, workers: int = 1,

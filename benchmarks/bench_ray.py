@@ -1,0 +1,296 @@
+"""Ray benchmark: Ray Data job throughput (1 and 2 workers) vs the plain CLI, and memory (PSS) of 1/2/4 actors.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_ray.py        # ~5 min
+    python benchmarks/bench_ray.py --quick      # 1 round, 32 images, writes ray-quick.json
+
+Model: --model DIR, default the random-initialised google/vit-base-patch16-224-shaped checkpoint that
+common.benchmark_checkpoint writes once with tests/checkpoints.py (ViT-B/16, 224 px, 1000 labels).
+Backend: numba everywhere (the layout that can be shared; "auto" picks it on these shapes anyway).
+
+1. Throughput, --rounds rounds, systems interleaved so they see the same background load:
+   - plain CLI: `python -m vitnp classify DIR --json --batch-size 8 --backend numba` as a real process, its
+     stdout lines timestamped as they arrive;
+   - Ray Data, W workers (W in --workers, default 1,2): in this process, on a local Ray cluster with all
+     cores, `read_binary_files -> map_batches(vitnp.ray.ImageClassifier, ActorPoolStrategy(size=W),
+     batch_size=8, num_cpus=cores/W, threads=cores/W)` over the same files, batches timestamped as
+     iter_batches yields them (in order).
+   Steady-state images/s = images after the first batch / (time of the last result - time of the first
+   batch): start-up (process or actor start, model load, JIT cache load) is excluded the same way for both.
+   End-to-end seconds (start-up included) are recorded as well.
+2. Memory: N = 1, 2, 4 actors (threads=1 each) built from the one shared model (vitnp.ray.share: the
+   weights in Ray's object store), each having classified one batch of 8; then each actor's
+   /proc/<pid>/smaps_rollup Pss is summed, and the part of it that lies in the object store's shared-memory
+   mapping (from /proc/<pid>/smaps) is reported apart. For contrast: 1 and 4 actors that each load the model
+   privately (model given by path).
+
+Targets: Ray with 1 worker >= 0.85x the plain CLI's images/s; 4 shared actors' summed PSS <= 1.5x one actor's.
+Writes benchmarks/results/ray.json (or ray-quick.json) with every run, the machine and the library versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+TARGET_RATIO = 0.85
+TARGET_PSS_RATIO = 1.5
+BATCH = 8
+BACKEND = "numba"
+
+
+def make_images(directory: Path, count: int) -> list[str]:
+    sources = [common.REPO_DIR / "examples" / "cats.jpg", common.REPO_DIR / "examples" / "coffee.jpg"]
+    paths = []
+    for i in range(count):
+        src = sources[i % len(sources)]
+        dst = directory / f"img-{i:05d}{src.suffix}"
+        shutil.copy(src, dst)
+        paths.append(str(dst))
+    return paths
+
+
+def steady_rate(stamps: list[tuple[float, int]], t_start: float) -> dict:
+    """stamps: (time, images done so far) per result batch."""
+    first_t, first_n = stamps[0]
+    last_t, last_n = stamps[-1]
+    rate = (last_n - first_n) / (last_t - first_t) if last_t > first_t else float("nan")
+    return {"images": last_n, "steady_images_per_s": rate, "end_to_end_s": last_t - t_start,
+            "first_batch_s": first_t - t_start}
+
+
+def run_plain_cli(model: Path, image_dir: Path, count: int) -> dict:
+    cmd = [sys.executable, "-m", "vitnp", "classify", str(image_dir), "--model", str(model), "--json",
+           "--batch-size", str(BATCH), "--backend", BACKEND]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    stamps, n, last_batch_t = [], 0, None
+    for line in proc.stdout:
+        n += 1
+        now = time.perf_counter()
+        # The CLI prints a batch's lines together: one stamp per batch of BATCH images.
+        if n % BATCH == 0 or n == count:
+            stamps.append((now, n))
+            last_batch_t = now
+    err = proc.stderr.read()
+    if proc.wait() != 0 or n != count:
+        raise RuntimeError(f"plain CLI failed ({proc.returncode}, {n} of {count} lines):\n{err}")
+    del last_batch_t
+    return steady_rate(stamps, t0)
+
+
+def run_ray_job(shared, paths: list[str], workers: int, cpus: int) -> dict:
+    import ray
+
+    import vitnp.ray
+
+    threads = max(1, cpus // workers)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    t0 = time.perf_counter()
+    ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=0)
+    ds = ds.map_batches(vitnp.ray.ImageClassifier,
+                        fn_constructor_kwargs={"model": shared, "top_k": 5, "threads": threads},
+                        compute=ray.data.ActorPoolStrategy(size=workers), batch_size=BATCH, num_cpus=threads)
+    stamps, n, errors = [], 0, 0
+    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        n += table.num_rows
+        errors += table.num_rows - table.column("error").null_count
+        stamps.append((time.perf_counter(), n))
+    if n != len(paths) or errors:
+        raise RuntimeError(f"Ray job: {n} rows for {len(paths)} images, {errors} errors")
+    out = steady_rate(stamps, t0)
+    out.update(workers=workers, threads_per_worker=threads)
+    return out
+
+
+# -- memory --------------------------------------------------------------------------------------------------
+
+def pss_kib(pid: int) -> dict:
+    """Total Pss of a process, and the Pss of its mappings of Ray's object store (plasma shared memory)."""
+    total = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            total = int(line.split()[1])
+    store, in_store = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):
+            in_store = "plasma" in line
+        elif in_store and line.startswith("Pss:"):
+            store += int(fields[1])
+    return {"pss_kib": total, "object_store_pss_kib": store}
+
+
+def measure_actors(model, count: int, images: list[bytes]) -> dict:
+    import ray
+
+    import vitnp.ray
+
+    @ray.remote(num_cpus=0.25)
+    class Holder:
+        def __init__(self, model):
+            self.udf = vitnp.ray.ImageClassifier(model, threads=1)
+
+        def run(self, images):
+            import numpy as np
+
+            table = self.udf({"bytes": np.array(images, dtype=object)})
+            assert table.column("error").null_count == table.num_rows
+            return os.getpid()
+
+    actors = [Holder.remote(model) for _ in range(count)]
+    try:
+        pids = ray.get([a.run.remote(images) for a in actors], timeout=900)
+        time.sleep(1.0)
+        per = [pss_kib(pid) for pid in pids]
+    finally:
+        for a in actors:
+            ray.kill(a)
+    total = sum(p["pss_kib"] for p in per)
+    store = sum(p["object_store_pss_kib"] for p in per)
+    return {"actors": count, "pids": pids, "per_actor": per, "sum_pss_mib": total / 1024,
+            "sum_object_store_pss_mib": store / 1024, "sum_other_pss_mib": (total - store) / 1024}
+
+
+def run(args) -> dict:
+    import ray
+
+    import vitnp.ray
+
+    model = Path(args.model) if args.model else common.benchmark_checkpoint()
+    cpus = len(os.sched_getaffinity(0))
+    results = {"plain_cli": [], **{f"ray_{w}": [] for w in args.workers}}
+    with tempfile.TemporaryDirectory(prefix="vitnp-bench-ray-") as tmp:
+        image_dir = Path(tmp) / "images"
+        image_dir.mkdir()
+        paths = make_images(image_dir, args.images)
+        # Warm the JIT cache (and the checkpoint's page cache) before anything is timed.
+        run_plain_cli(model, image_dir, args.images) if args.warm else None
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        try:
+            shared = vitnp.ray.share(model, backend=BACKEND)
+            for round_ in range(args.rounds):
+                r = run_plain_cli(model, image_dir, args.images)
+                results["plain_cli"].append(r)
+                print(f"round {round_ + 1}: plain CLI: {r['steady_images_per_s']:.2f} img/s "
+                      f"(end to end {r['end_to_end_s']:.1f} s)", flush=True)
+                for w in args.workers:
+                    r = run_ray_job(shared, paths, w, cpus)
+                    results[f"ray_{w}"].append(r)
+                    print(f"round {round_ + 1}: Ray Data, {w} worker(s) x {r['threads_per_worker']} threads: "
+                          f"{r['steady_images_per_s']:.2f} img/s (end to end {r['end_to_end_s']:.1f} s)",
+                          flush=True)
+            images = [Path(p).read_bytes() for p in paths[:BATCH]]
+            memory = {"shared": {}, "private": {}}
+            for n in args.actors:
+                memory["shared"][str(n)] = m = measure_actors(shared, n, images)
+                print(f"memory: {n} actor(s), shared weights: summed PSS {m['sum_pss_mib']:.0f} MiB "
+                      f"(object store part {m['sum_object_store_pss_mib']:.0f} MiB)", flush=True)
+            for n in args.private_actors:
+                memory["private"][str(n)] = m = measure_actors(str(model), n, images)
+                print(f"memory: {n} actor(s), private weights: summed PSS {m['sum_pss_mib']:.0f} MiB", flush=True)
+        finally:
+            ray.shutdown()
+    summary = {name: {"steady_images_per_s": statistics.median(r["steady_images_per_s"] for r in runs),
+                      "end_to_end_s": statistics.median(r["end_to_end_s"] for r in runs)}
+               for name, runs in results.items()}
+    plain = summary["plain_cli"]["steady_images_per_s"]
+    for s in summary.values():
+        s["ratio_to_plain_cli"] = s["steady_images_per_s"] / plain
+    one, four = memory["shared"].get("1"), memory["shared"].get("4")
+    pss_ratio = four["sum_pss_mib"] / one["sum_pss_mib"] if one and four else None
+    ratio1 = summary.get("ray_1", {}).get("ratio_to_plain_cli")
+    return {
+        "machine": args.machine, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "model": str(model), "images": args.images, "batch_size": BATCH, "backend": BACKEND, "cpus": cpus,
+        "ray_version": ray.__version__, "rounds": args.rounds, "runs": results, "summary": summary,
+        "memory": memory, "load_average_at_end": os.getloadavg(),
+        "targets": {
+            "ray_1_worker_vs_plain_cli": {"min": TARGET_RATIO, "ratio": ratio1,
+                                          "met": ratio1 is not None and ratio1 >= TARGET_RATIO},
+            "pss_4_vs_1_actors": {"max": TARGET_PSS_RATIO, "ratio": pss_ratio,
+                                  "met": pss_ratio is not None and pss_ratio <= TARGET_PSS_RATIO},
+        },
+    }
+
+
+def print_report(data: dict) -> None:
+    rows = []
+    for name, s in data["summary"].items():
+        label = "plain CLI (vitnp classify --json)" if name == "plain_cli" else \
+            f"Ray Data, {name.split('_')[1]} worker(s)"
+        rows.append([label, f"{s['steady_images_per_s']:.2f}", f"{s['ratio_to_plain_cli']:.2f}",
+                     f"{s['end_to_end_s']:.1f}"])
+    print()
+    print(common.format_table(["", "images/s (steady)", "x plain CLI", "end-to-end s"], rows))
+    rows = []
+    for kind in ("shared", "private"):
+        base = data["memory"]["shared"].get("1", {}).get("sum_pss_mib")
+        for n, m in data["memory"][kind].items():
+            rows.append([f"{n} actor(s), {kind} weights", f"{m['sum_pss_mib']:.0f}",
+                         f"{m['sum_object_store_pss_mib']:.0f}", f"{m['sum_other_pss_mib']:.0f}",
+                         f"{m['sum_pss_mib'] / base:.2f}" if base else ""])
+    print()
+    print(common.format_table(["", "summed PSS MiB", "object store part", "rest", "x 1 shared actor"], rows))
+    t = data["targets"]
+    a, b = t["ray_1_worker_vs_plain_cli"], t["pss_4_vs_1_actors"]
+    print(f"\ntarget: Ray 1 worker >= {a['min']}x plain CLI: "
+          f"{a['ratio']:.2f}x -> {'PASS' if a['met'] else 'FAIL'}" if a["ratio"] is not None else "")
+    print(f"target: 4 actors' summed PSS <= {b['max']}x one actor's: "
+          f"{b['ratio']:.2f}x -> {'PASS' if b['met'] else 'FAIL'}" if b["ratio"] is not None else "")
+    print(f"load average at the end: {data['load_average_at_end']}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", "--checkpoint", dest="model",
+                   help="checkpoint directory (default: the cached vit-base-shaped one)")
+    p.add_argument("--images", type=int, help="images per job (default 96; --quick 32)")
+    p.add_argument("--rounds", type=int, help="rounds of plain CLI + Ray jobs (default 3; --quick 1)")
+    p.add_argument("--workers", type=common.positive_int_list, default=[1, 2], help="Ray worker counts (1,2)")
+    p.add_argument("--actors", type=common.positive_int_list, default=[1, 2, 4],
+                   help="actor counts for the memory measurement (1,2,4)")
+    p.add_argument("--private-actors", type=common.positive_int_list, default=[1, 4],
+                   help="actor counts with private weights, for contrast (1,4)")
+    p.add_argument("--no-warm", dest="warm", action="store_false",
+                   help="skip the untimed plain-CLI run that warms the JIT and page caches")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
+    p.add_argument("--no-reexec", action="store_true",
+                   help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (default: re-run without them)")
+    args = p.parse_args(argv)
+    if args.images is None:
+        args.images = 32 if args.quick else 96
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.images < 2 * BATCH or args.rounds < 1:
+        p.error(f"--images must be >= {2 * BATCH} and --rounds >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    common.reexec_without_blas_overrides(args.no_reexec)
+    args.machine = common.machine_info()
+    args.machine["versions"]["ray"] = common._version("ray")
+    common.print_machine(args.machine)
+    data = run(args)
+    print_report(data)
+    common.write_json(args.out_dir / ("ray-quick.json" if args.quick else "ray.json"), data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

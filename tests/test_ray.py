@@ -1,0 +1,329 @@
+"""vitnp on Ray: Ray Data jobs, `vitnp classify --ray`, `vitnp serve --ray`, and a worker killed mid-job.
+
+One local Ray cluster (2 CPUs, no dashboard) serves the whole module. Every answer is compared with the
+library, `vitnp.load("bundled:digits", backend="numba").classify`, whose results do not depend on batch size
+or thread count, so equality is exact. Ray Serve listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+import vitnp
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
+import vitnp.ray  # noqa: E402
+
+MODEL = "bundled:digits"
+BACKEND = "numba"
+CORRUPT = "digit-corrupt.png"
+TEXT = "notes-not-an-image.png"
+JOB_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared(ray_cluster):
+    return vitnp.ray.share(MODEL, backend=BACKEND)
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return vitnp.load(MODEL, backend=BACKEND)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory, examples_dir):
+    """The ten digit PNGs, one truncated PNG and one text file named .png."""
+    root = tmp_path_factory.mktemp("digits")
+    for f in sorted((examples_dir / "digits").glob("*.png")):
+        shutil.copy(f, root / f.name)
+    good = (examples_dir / "digits" / "digit-3-idx0705.png").read_bytes()
+    (root / CORRUPT).write_bytes(good[: len(good) // 2])
+    (root / TEXT).write_text("hello, not an image")
+    return root
+
+
+def expected_rows(lib, image_dir, top_k):
+    """path -> (predictions, None) or (None, error text) from the library, per file."""
+    out = {}
+    for path in sorted(str(p) for p in image_dir.iterdir()):
+        try:
+            out[path] = (lib.classify(path, top_k=top_k), None)
+        except vitnp.ImageError as e:
+            out[path] = (None, str(e))
+    return out
+
+
+def check_rows(rows, expected):
+    paths = [r["path"] for r in rows]
+    assert sorted(paths) == sorted(expected), "every file exactly once"
+    for r in rows:
+        predictions, error = expected[r["path"]]
+        if error is None:
+            assert r["error"] is None, r["error"]
+            assert list(r["predictions"]) == predictions
+            assert (r["label"], r["score"]) == (predictions[0]["label"], predictions[0]["score"])
+        else:
+            assert r["predictions"] is None and r["label"] is None and r["score"] is None
+            assert r["error"] == error, "the same message as the library / local CLI"
+
+
+def as_python(rows):
+    """take_all() rows may hold numpy values; make them plain lists of dicts."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r["predictions"] is not None:
+            r["predictions"] = [{"label": p["label"], "score": p["score"]} for p in r["predictions"]]
+        out.append(r)
+    return out
+
+
+# --------------------------------------------------------------------------- Ray Data
+
+
+def test_binary_files_job_matches_library_row_for_row(shared, lib, image_dir):
+    # The two actors hold both CPUs: the reads (I/O only) must not wait for a CPU.
+    ds = ray.data.read_binary_files(str(image_dir), include_paths=True, num_cpus=0)
+    ds = ds.map_batches(vitnp.ray.ImageClassifier, fn_constructor_kwargs={"model": shared, "top_k": 3},
+                        compute=ray.data.ActorPoolStrategy(size=2), batch_size=4, num_cpus=1)
+    rows = as_python(ds.take_all())
+    expected = expected_rows(lib, image_dir, 3)
+    assert len(rows) == 12
+    check_rows(rows, expected)
+    assert "truncated" in expected[str(image_dir / CORRUPT)][1]
+    assert "bytes" not in rows[0], "the raw image column is not copied to the output"
+
+
+def test_read_images_arrays_match_library(shared, lib, image_dir, tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    for f in image_dir.glob("digit-[0-9]-*.png"):
+        shutil.copy(f, good / f.name)
+    ds = ray.data.read_images(str(good), include_paths=True)
+    ds = ds.map_batches(vitnp.ray.ImageClassifier, fn_constructor_kwargs={"model": shared, "top_k": 2},
+                        compute=ray.data.ActorPoolStrategy(size=1), batch_size=3, num_cpus=1)
+    rows = as_python(ds.take_all())
+    assert len(rows) == 10
+    for r in rows:
+        name = Path(r["path"]).name
+        assert r["error"] is None and r["predictions"] == lib.classify(good / name, top_k=2)
+
+
+def test_bad_arrays_become_error_rows_and_model_by_name(ray_cluster, lib, image_dir):
+    """A model given by name (each actor loads it), a bad array among good ones, the pandas batch format."""
+    from PIL import Image
+
+    digit = np.asarray(Image.open(image_dir / "digit-7-idx1496.png").convert("RGB"))
+    items = [{"id": 0, "image": digit}, {"id": 1, "image": np.zeros((5, 5, 2), np.uint8)},
+             {"id": 2, "image": digit[::-1].copy()}]
+    ds = ray.data.from_items(items).map_batches(
+        vitnp.ray.ImageClassifier, fn_constructor_kwargs={"model": MODEL, "top_k": 4},
+        compute=ray.data.ActorPoolStrategy(size=1), batch_size=8, batch_format="pandas", num_cpus=1)
+    rows = sorted(as_python(ds.take_all()), key=lambda r: r["id"])
+    assert [r["id"] for r in rows] == [0, 1, 2]
+    assert rows[0]["predictions"] == lib.classify(digit, top_k=4)
+    assert rows[2]["predictions"] == lib.classify(digit[::-1].copy(), top_k=4)
+    assert rows[1]["predictions"] is None and rows[1]["error"]
+    with pytest.raises(vitnp.ImageError) as e:
+        lib.classify(np.zeros((5, 5, 2), np.uint8))
+    assert rows[1]["error"] == str(e.value)
+
+
+class KillableClassifier(vitnp.ray.ImageClassifier):
+    """The first actor to get a batch writes its PID and waits there to be killed."""
+
+    def __init__(self, marker: str, **kwargs):
+        super().__init__(**kwargs)
+        self.marker = marker
+
+    def __call__(self, batch):
+        if not os.path.exists(self.marker):
+            tmp = self.marker + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(tmp, self.marker)
+            time.sleep(JOB_TIMEOUT_S)
+        return super().__call__(batch)
+
+
+def test_actor_killed_mid_job_every_row_exactly_once(shared, lib, image_dir, tmp_path):
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import this test module
+    marker = tmp_path / "victim.pid"
+    ds = ray.data.read_binary_files(str(image_dir), include_paths=True)
+    ds = ds.map_batches(KillableClassifier, fn_constructor_kwargs={"marker": str(marker), "model": shared,
+                                                                    "top_k": 5},
+                        compute=ray.data.ActorPoolStrategy(size=1), batch_size=2, num_cpus=1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job = pool.submit(ds.take_all)
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not marker.exists():
+            assert time.monotonic() < deadline and not job.done(), "no actor reached its first batch"
+            time.sleep(0.1)
+        victim = int(marker.read_text())
+        os.kill(victim, signal.SIGKILL)
+        rows = as_python(job.result(timeout=JOB_TIMEOUT_S))
+    assert not os.path.exists(f"/proc/{victim}") or "zombie" in Path(f"/proc/{victim}/status").read_text()
+    assert len(rows) == 12
+    check_rows(rows, expected_rows(lib, image_dir, 5))
+
+
+# --------------------------------------------------------------------------- vitnp classify --ray
+
+
+def run_cli(*args, timeout=JOB_TIMEOUT_S):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run([sys.executable, "-m", "vitnp", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_cli_ray_writes_complete_parquet(lib, image_dir, tmp_path):
+    """Its own local Ray cluster, two workers, a glob and a directory."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out.parquet"
+    result = run_cli("classify", image_dir / "digit-[0-4]-*.png", image_dir, "--model", MODEL, "--ray",
+                     "--workers", "2", "--batch-size", "3", "--top-k", "3", "--output", out)
+    assert result.returncode == 1, result.stderr  # two bad files
+    assert "2 of 17 images failed" in result.stderr and "Traceback" not in result.stderr
+    rows = pq.read_table(out).to_pylist()
+    local = run_cli("classify", image_dir / "digit-[0-4]-*.png", image_dir, "--model", MODEL, "--json",
+                    "--backend", BACKEND, "--top-k", "3")
+    local_records = [json.loads(line) for line in local.stdout.splitlines()]
+    # Rows come in input order (the local CLI prints a batch's errors before its results).
+    from vitnp.cli import find_images
+
+    assert [r["path"] for r in rows] == find_images([str(image_dir / "digit-[0-4]-*.png"), str(image_dir)])
+    local_records.sort(key=lambda r: r["path"])
+    for row, record in zip(sorted(rows, key=lambda r: r["path"]), local_records):
+        assert row["path"] == record["path"]
+        assert row["predictions"] == record.get("predictions") and row["error"] == record.get("error")
+        if row["error"] is None:
+            assert (row["label"], row["score"]) == (record["predictions"][0]["label"],
+                                                    record["predictions"][0]["score"])
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_cli_ray_existing_cluster_writes_jsonl_like_local_json(ray_cluster, image_dir, tmp_path):
+    out = tmp_path / "out.jsonl"
+    result = run_cli("classify", image_dir, "--model", MODEL, "--ray", "--ray-address", ray_cluster,
+                     "--output", out)
+    assert result.returncode == 1, result.stderr
+    local = run_cli("classify", image_dir, "--model", MODEL, "--json", "--backend", BACKEND)
+    assert sorted(out.read_text().splitlines()) == sorted(local.stdout.splitlines())
+    assert len(local.stdout.splitlines()) == 12
+
+
+def test_cli_ray_needs_an_output_file(image_dir):
+    result = run_cli("classify", image_dir, "--model", MODEL, "--ray", timeout=120)
+    assert result.returncode == 2 and "--output" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("classify", image_dir, "--model", MODEL, "--ray", "--output", "out.csv", timeout=120)
+    assert result.returncode == 2 and ".parquet or .jsonl" in result.stderr
+
+
+# --------------------------------------------------------------------------- vitnp serve --ray
+
+
+@pytest.fixture(scope="module")
+def servers(ray_cluster, tmp_path_factory):
+    """`vitnp serve --ray` on the test cluster and plain `vitnp serve`, with the same options."""
+    from test_server import ServerProcess
+
+    logs = tmp_path_factory.mktemp("ray-serve-logs")
+    common = ["--model", MODEL, "--max-body-mb", "0.25", "--max-batch-size", "4", "--max-wait-ms", "20"]
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "VITNP_API_TOKEN": ""}
+    plain = ServerProcess(common, logs / "plain.log", env=env)
+    try:
+        on_ray = ServerProcess([*common, "--ray", "--ray-address", ray_cluster, "--replicas", "2"],
+                               logs / "ray.log", env=env)
+    except BaseException:
+        plain.stop()
+        raise
+    yield plain, on_ray
+    on_ray.stop()
+    plain.stop()
+
+
+def test_serve_inference_client_and_raw_bytes_match_library(servers, lib, image_dir):
+    from huggingface_hub import InferenceClient
+
+    _, on_ray = servers
+    client = InferenceClient(on_ray.url)
+    for path in sorted(image_dir.glob("digit-[0-9]-*.png")):
+        got = client.image_classification(str(path), top_k=3)
+        assert [(p.label, p.score) for p in got] == [(p["label"], p["score"]) for p in lib.classify(path, top_k=3)]
+        r = requests.post(on_ray.url + f"/models/{MODEL}", data=path.read_bytes(), timeout=120)
+        assert r.status_code == 200 and r.json() == lib.classify(path)
+        assert r.headers["x-compute-type"] == "cpu" and "x-cache" in r.headers
+
+
+def test_serve_concurrent_requests_are_batched_and_correct(servers, lib, image_dir):
+    _, on_ray = servers
+    paths = sorted(image_dir.glob("digit-[0-9]-*.png")) * 2
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda p: requests.post(on_ray.url + "/", data=p.read_bytes(), timeout=120,
+                                                        headers={"x-use-cache": "false"}), paths))
+    for p, r in zip(paths, replies):
+        assert r.status_code == 200 and r.json() == lib.classify(p)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_serve_errors_are_those_of_vitnp_serve(servers, image_dir):
+    plain, on_ray = servers
+    good = (image_dir / "digit-1-idx0442.png").read_bytes()
+    cases = [
+        ("/", {"data": (image_dir / CORRUPT).read_bytes()}),
+        ("/", {"data": (image_dir / TEXT).read_bytes()}),
+        ("/", {"data": b""}),
+        ("/", {"data": b'{"inputs": ', "headers": {"content-type": "application/json"}}),
+        ("/", {"json": {"inputs": "not base64 !!!"}}),
+        ("/", {"json": {"inputs": b64(good), "parameters": {"top_k": 0}}}),
+        ("/", {"json": {"inputs": b64(good), "parameters": {"function_to_apply": "tanh"}}}),
+        ("/", {"json": {"inputs": b64(good), "parameters": [1]}}),
+        ("/", {"data": good, "headers": {"x-use-cache": "perhaps"}}),
+        ("/", {"data": b"x" * 300_000}),
+        ("/models/nobody/no-such-model", {"data": good}),
+        ("/models/bundled:nope", {"data": good}),
+        ("/no/such/route", {"data": good}),
+    ]
+    for path, kwargs in cases:
+        a = requests.post(plain.url + path, timeout=120, **kwargs)
+        b = requests.post(on_ray.url + path, timeout=120, **kwargs)
+        assert 400 <= a.status_code < 500, (path, a.text)
+        assert (b.status_code, b.json()) == (a.status_code, a.json()), (path, kwargs.keys())
+        assert b.headers["content-type"].startswith("application/json") and "Traceback" not in b.text
+    assert requests.get(on_ray.url + "/health", timeout=30).json() == {"status": "ok"}
+    models = requests.get(on_ray.url + "/models", timeout=30).json()
+    assert [m["model_id"] for m in models] == [MODEL]
+
+
+def test_missing_ray_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(vitnp.ray.RayNotInstalledError, match=r"vitnp\[ray\]"):
+        vitnp.ray.require_ray()
