@@ -95,6 +95,7 @@ class SharedModel:
     backend: str
     weights: object        # ray.ObjectRef of a vitnp.weights.ViTWeights
     spec: str
+    precision: str = "fp32"
 
     @property
     def model_id(self) -> str:
@@ -106,10 +107,11 @@ class SharedModel:
         from .classifier import Classifier
 
         weights = ray.get(self.weights)
-        return Classifier(self.location, self.config, self.processor, self.backend, threads, weights=weights)
+        return Classifier(self.location, self.config, self.processor, self.backend, threads, weights=weights,
+                          precision=self.precision)
 
 
-def share(model: str | os.PathLike, backend: str = "numba", **load_kwargs) -> SharedModel:
+def share(model: str | os.PathLike, backend: str = "numba", precision: str = "fp32", **load_kwargs) -> SharedModel:
     """Load `model` once in this process and put its weights in Ray's object store (starts Ray if needed).
 
     backend: "numba" (default) or "blas"; both keep one final weight layout, which is what makes sharing
@@ -122,12 +124,12 @@ def share(model: str | os.PathLike, backend: str = "numba", **load_kwargs) -> Sh
     from .classifier import load
 
     load_kwargs.setdefault("progress", False)
-    clf = load(model, backend=backend, **load_kwargs)
+    clf = load(model, backend=backend, precision=precision, **load_kwargs)
     if not ray.is_initialized():
         init_ray()
     ref = ray.put(clf.weights)
     # The driver's own copy is dropped with clf: the object store holds the only one.
-    return SharedModel(clf.location, clf.config, clf.processor, backend, ref, str(model))
+    return SharedModel(clf.location, clf.config, clf.processor, backend, ref, str(model), clf.precision)
 
 
 def _assigned_cpus() -> int | None:
@@ -159,7 +161,8 @@ class ImageClassifier:
     """
 
     def __init__(self, model, top_k: int = 5, function_to_apply: str | None = None, column: str | None = None,
-                 keep_image: bool = False, threads: int | None = None, backend: str = "numba"):
+                 keep_image: bool = False, threads: int | None = None, backend: str = "numba",
+                 precision: str = "fp32"):
         from .postprocess import validate_parameters
 
         threads = threads or _assigned_cpus()
@@ -168,7 +171,7 @@ class ImageClassifier:
         else:
             from .classifier import load
 
-            self.classifier = load(model, backend=backend, threads=threads, progress=False)
+            self.classifier = load(model, backend=backend, threads=threads, progress=False, precision=precision)
         self.top_k, self.function_to_apply = validate_parameters(top_k, function_to_apply,
                                                                  self.classifier.config.num_labels)
         self.column = column
@@ -390,7 +393,7 @@ def run_classify(args) -> int:
     try:
         try:
             model = share(args.model, backend=backend, revision=args.revision, token=args.token,
-                          cache_dir=args.cache_dir)
+                          cache_dir=args.cache_dir, precision=getattr(args, "precision", "fp32"))
         except VitnpError as e:
             print(f"vitnp: {e}", file=sys.stderr)
             return 2
@@ -560,7 +563,8 @@ def run_serve(args, token: str | None) -> int:
         for arg in args.model:
             alias, spec = split_model_arg(arg)
             try:
-                shared = share(spec, backend=backend, revision=args.revision)
+                shared = share(spec, backend=backend, revision=args.revision,
+                               precision=getattr(args, "precision", "fp32"))
             except VitnpError as e:
                 print(f"vitnp serve: cannot load {spec}: {e}", file=sys.stderr)
                 return 2
