@@ -408,46 +408,79 @@ def _qgemm_tasks(a, lda, groups, b, group, c, rows_total, cols_total, rscale, rz
 
 # -- activations ----------------------------------------------------------------------------------------
 
-@njit(cache=True)
-def quantize_row_u8(x, q, scale_out, zp_out, i):
-    """Asymmetric uint8 quantisation of one row: the range [min(x, 0), max(x, 0)] over 255 steps.
-    scale = (hi - lo) / 255 (1 if the row is all zeros), zp = rint(-lo / scale),
-    u = clip(rint(x * (1/scale)) + zp, 0, 255); all in float32."""
+_EXACT_FAST = {"nnan", "ninf", "nsz"}  # lets LLVM vectorise min/max reductions; arithmetic stays exact
+# LLVM's own rint / minnum / maxnum below: unlike np.rint (a call per element) and Python's min/max (compare
+# and branch), loops over these vectorise (vroundps, vminps, vmaxps).
+
+
+def _float_codegen(name, arity):
+    def codegen(context, builder, sig, llargs):
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32] * arity), f"llvm.{name}.f32")
+        return builder.call(f, llargs)
+    return codegen
+
+
+@intrinsic
+def _rint(typingctx, x):
+    return (types.float32(x), _float_codegen("rint", 1)) if x == types.float32 else None
+
+
+@intrinsic
+def _minnum(typingctx, a, b):
+    return (types.float32(a, b), _float_codegen("minnum", 2)) if a == b == types.float32 else None
+
+
+@intrinsic
+def _maxnum(typingctx, a, b):
+    return (types.float32(a, b), _float_codegen("maxnum", 2)) if a == b == types.float32 else None
+
+
+@njit(cache=True, fastmath=_EXACT_FAST)
+def _row_range(x):
     lo = np.float32(0.0)
     hi = np.float32(0.0)
     for k in range(x.size):
-        v = x[k]
-        if v < lo:
-            lo = v
-        if v > hi:
-            hi = v
+        lo = _minnum(lo, x[k])
+        hi = _maxnum(hi, x[k])
+    return lo, hi
+
+
+@njit(cache=True, fastmath=_EXACT_FAST)
+def _quantize_into(x, inv, offset, lo, hi, q):
+    """q[k] = clip(rint(x[k] * inv) + offset, lo, hi), vectorised (vroundps, vcvtps2dq, vpminsd/vpmaxsd)."""
+    for k in range(x.size):
+        u = np.int32(_rint(x[k] * inv)) + offset
+        q[k] = min(max(u, lo), hi)
+
+
+@njit(cache=True)
+def row_scale_zero_point(x):
+    """Asymmetric uint8 quantisation of one row: the range [min(x, 0), max(x, 0)] over 255 steps.
+    scale = (hi - lo) / 255 (1 if the row is all zeros), zp = rint(-lo / scale) (as -lo * (1/scale)),
+    u = clip(rint(x * (1/scale)) + zp, 0, 255); all in float32.  Returns (scale, 1/scale, zp)."""
+    lo, hi = _row_range(x)
     scale = (hi - lo) / np.float32(255.0)
     if not scale > 0:
         scale = np.float32(1.0)
     inv = np.float32(1.0) / scale
-    zp = np.int32(np.rint(-lo * inv))
-    zp = min(max(zp, 0), 255)
-    for k in range(x.size):
-        u = np.int32(np.rint(x[k] * inv)) + zp
-        q[k] = min(max(u, 0), 255)
-    scale_out[i] = scale
-    zp_out[i] = zp
+    zp = np.int32(_rint(-lo * inv))
+    zp = min(max(zp, np.int32(0)), np.int32(255))
+    return scale, inv, zp
 
 
 @njit(cache=True)
 def _quantize_row_into(x, qa, scale_out, zp_out, i, kind_madd):
-    """Row i of A for the integer kernels: u8 (vnni) or int16 u - zp (madd); padding columns zero."""
+    """Row i of A for the integer kernels: u8 u (vnni) or int16 u - zp (madd); padding columns zero."""
     k = x.size
-    if kind_madd:
-        tmp = np.empty(k, np.int32)
-        quantize_row_u8(x, tmp, scale_out, zp_out, i)
-        zp = zp_out[i]
-        for j in range(k):
-            qa[j] = tmp[j] - zp
+    scale, inv, zp = row_scale_zero_point(x)
+    if kind_madd:  # clip(rint(x/s) + zp, 0, 255) - zp == clip(rint(x/s), -zp, 255 - zp)
+        _quantize_into(x, inv, np.int32(0), np.int32(-zp), np.int32(255 - zp), qa[:k])
     else:
-        quantize_row_u8(x, qa, scale_out, zp_out, i)
+        _quantize_into(x, inv, zp, np.int32(0), np.int32(255), qa[:k])
     for j in range(k, qa.size):
         qa[j] = 0
+    scale_out[i] = scale
+    zp_out[i] = zp
 
 
 @njit(cache=True, parallel=True)
