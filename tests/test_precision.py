@@ -148,6 +148,56 @@ def test_kernel_matches_exact_quantised_math(kind):
     check_kind(kind)
 
 
+def kernel_loop_asm(kind):
+    """Assembly of the micro-kernel's k loop for `kind`, compiled here without the on-disk cache."""
+    from numba import njit
+
+    kernel = qgemm._micro
+
+    @njit
+    def call(a, b, c, rs, rzp, cs, colsum, bias):
+        kernel(a, 0, 64, b, 0, c, 0, qgemm.NR, 16, qgemm.MR, qgemm.NR, False, rs, rzp, 0, cs, colsum, bias, 0)
+
+    args = (np.zeros(qgemm.MR * 64 + 64, qgemm.A_DTYPE[kind]), np.zeros(16 * qgemm.NR * 4, qgemm.B_DTYPE[kind]),
+            np.zeros(qgemm.MR * qgemm.NR, np.float32), np.zeros(qgemm.MR, np.float32), np.zeros(qgemm.MR, np.int32),
+            np.zeros(qgemm.NR, np.float32), np.zeros(qgemm.NR, np.int32), np.zeros(qgemm.NR, np.float32))
+    call(*args)
+    asm = call.inspect_asm(call.signatures[0]).splitlines()
+    marker = {"vnni": "vpdpbusd", "dpbf16": "vdpbf16ps", "widen": "vfmadd", "madd": "madd"}[kind]
+    if kind == "madd" and not any("madd" in line for line in asm):
+        marker = "vpdpwssd"  # LLVM fuses vpmaddwd + vpaddd into AVX-512 VNNI's word form where it may
+    if kind == "widen" and isa.ISA == "generic":
+        marker = "mulps"
+    hits = [i for i, line in enumerate(asm) if marker in line]
+    assert hits, f"no {marker} in the {kind} kernel"
+    start = hits[0]
+    while not asm[start].startswith(".LBB"):
+        start -= 1
+    end = hits[-1]
+    while not asm[end].strip().startswith("j"):
+        end += 1
+    return "\n".join(asm[start:end + 1])
+
+
+LOOP_REGISTERS = {"avx512": "zmm", "avx2": "ymm", "generic": "xmm"}
+
+
+@pytest.mark.parametrize("kind", ["vnni", "madd", "dpbf16", "widen"])
+def test_kernel_loop_assembly(kind):
+    """The k loop uses the ISA's vector registers and the intended instruction, and spills nothing."""
+    if kind not in qgemm.supported_kinds():
+        pytest.skip(f"{kind} needs a CPU feature this machine lacks (ISA {isa.ISA})")
+    check_loop(kernel_loop_asm(kind), kind)
+
+
+def check_loop(loop, kind):
+    reg = LOOP_REGISTERS[isa.ISA]
+    assert "%rsp" not in loop, f"{kind}: the k loop spills to the stack:\n{loop}"
+    assert reg in loop, f"{kind}: no {reg} registers in the k loop:\n{loop}"
+    for wider in {"avx512": (), "avx2": ("zmm",), "generic": ("zmm", "ymm")}[isa.ISA]:
+        assert wider not in loop, f"{kind}: {wider} registers in a {isa.ISA} build:\n{loop}"
+
+
 def test_int8_kernels_agree_bit_for_bit():
     """vnni and madd compute the same integer sums and the same epilogue: identical float32 results."""
     if "vnni" not in qgemm.supported_kinds():
@@ -185,6 +235,9 @@ VARIANT_SCRIPT = textwrap.dedent("""
     report = {{"isa": isa.ISA, "int8": qgemm.INT8_KIND, "bf16": qgemm.BF16_KIND}}
     for kind in (qgemm.INT8_KIND, qgemm.BF16_KIND):
         report[kind] = t.check_kind(kind, shapes=t.SHAPES[:4])
+        loop = t.kernel_loop_asm(kind)
+        t.check_loop(loop, kind)
+        report[kind + "_loop"] = loop
     clf = vitnp.load({model!r}, precision="int8")
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     report["logits_int8"] = clf.logits(x).tolist()
@@ -216,6 +269,9 @@ def test_kernel_variants_in_subprocess(env, expect_isa, expect_int8, expect_bf16
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.split("REPORT", 1)[1])
     assert (report["isa"], report["int8"], report["bf16"]) == (expect_isa, expect_int8, expect_bf16)
+    if expect_isa != "avx512":  # forced AVX2 / SSE2 code: the plain vpmaddwd (no VNNI word form), no zmm
+        assert "pmaddwd" in report["madd_loop"] and "zmm" not in report["madd_loop"]
+        assert "zmm" not in report["widen_loop"]
     # the integer math is the same everywhere; only the float32 parts (LayerNorm, attention) differ by ISA
     here = vitnp.load(tiny_vit, precision="int8").logits(
         np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
