@@ -64,17 +64,25 @@ def require_ray():
     return ray
 
 
+class RayClusterError(VitnpError, ConnectionError):
+    """The Ray cluster could not be started or reached."""
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     """Connect to the cluster at `address`, or start a local one (no dashboard, no usage stats)."""
     ray = require_ray()
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        kwargs.setdefault("include_dashboard", False)
-        ray.init(num_cpus=num_cpus, **kwargs)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            kwargs.setdefault("include_dashboard", False)
+            ray.init(num_cpus=num_cpus, **kwargs)
+    except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, ...
+        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        raise RayClusterError(f"cannot connect to {where}: {e}".strip()) from None
     return ray
 
 
@@ -387,7 +395,11 @@ def run_classify(args) -> int:
         return 1
     # "auto" would re-lay the weights out per actor; the Numba GEMM is what it picks on ViT shapes anyway.
     backend = "numba" if args.backend == "auto" else args.backend
-    init_ray(args.ray_address)
+    try:
+        init_ray(args.ray_address)
+    except VitnpError as e:
+        print(f"vitnp: {e}", file=sys.stderr)
+        return 2
     import ray
 
     try:
@@ -554,7 +566,11 @@ def run_serve(args, token: str | None) -> int:
     except VitnpError as e:
         print(f"vitnp serve: {e}", file=sys.stderr)
         return 2
-    ray = init_ray(args.ray_address)
+    try:
+        ray = init_ray(args.ray_address)
+    except VitnpError as e:
+        print(f"vitnp serve: {e}", file=sys.stderr)
+        return 2
     from ray import serve
 
     backend = "numba" if args.backend == "auto" else args.backend
