@@ -71,8 +71,10 @@ def steady_rate(stamps: list[tuple[float, int]], t_start: float) -> dict:
 
 
 def differential(full: dict, small: dict, count: int) -> dict:
+    """(N - 8) / (T_N - T_8); NaN when start-up noise exceeds the extra work (tiny models, few images)."""
+    extra = full["end_to_end_s"] - small["end_to_end_s"]
     return {"one_batch_end_to_end_s": small["end_to_end_s"],
-            "images_per_s": (count - BATCH) / (full["end_to_end_s"] - small["end_to_end_s"])}
+            "images_per_s": (count - BATCH) / extra if extra > 0 else float("nan")}
 
 
 def run_plain_cli(model: Path, image_dir: Path, count: int) -> dict:

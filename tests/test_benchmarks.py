@@ -138,3 +138,21 @@ def test_bench_startup_smoke(tiny_vit, tmp_path):
     assert not any("compiling" in r["stderr_first_line"] for r in warm)
     assert "peak RSS" in proc.stdout
     assert (tmp_path / "startup.png").is_file() == HAVE_MATPLOTLIB
+
+
+def test_bench_ray_smoke(tiny_vit, tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    run_script("bench_ray.py", "--model", str(tiny_vit), "--images", "16", "--rounds", "1", "--workers", "1",
+               "--actors", "1,2", "--private-actors", "1", "--no-warm", "--out-dir", str(tmp_path))
+    data = json.loads((tmp_path / "ray.json").read_text())
+    assert set(data["summary"]) == {"plain_cli", "ray_1"}
+    for s in data["summary"].values():
+        # A tiny model's rate is start-up noise; the timings themselves must be there.
+        assert s["end_to_end_s"] > 0 and s["one_batch_end_to_end_s"] > 0
+    memory = data["memory"]
+    # (That the weights really are shared is tested in test_ray.py; here: one PSS reading per actor process.)
+    for kind, n in (("shared", "1"), ("shared", "2"), ("private", "1")):
+        m = memory[kind][n]
+        assert len(set(m["pids"])) == int(n) and all(p["pss_kib"] > 10_000 for p in m["per_actor"])
+    assert memory["weights_mib"] > 0 and data["targets"]["pss_4_vs_1_actors"]["ratio"] is None
+    assert data["machine"]["versions"]["ray"]

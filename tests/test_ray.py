@@ -191,6 +191,44 @@ def test_actor_killed_mid_job_every_row_exactly_once(shared, lib, image_dir, tmp
     check_rows(rows, expected_rows(lib, image_dir, 5))
 
 
+def test_actors_map_one_shared_read_only_copy_of_the_weights(shared, lib, image_dir):
+    """Two actors' weight arrays lie in the same shared-memory object-store file, read-only; the engine
+    computes with them (same results as the library)."""
+
+    @ray.remote(num_cpus=0.5)
+    class Probe:
+        def __init__(self, model):
+            self.udf = vitnp.ray.ImageClassifier(model, threads=1)
+
+        def where(self):
+            array = self.udf.classifier.weights.layers[0].fc1.weight_array
+            address = array.__array_interface__["data"][0]
+            for line in open("/proc/self/maps"):
+                fields = line.split()
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= address < hi:
+                    return {"writeable": bool(array.flags.writeable), "file": " ".join(fields[5:]),
+                            "inode": fields[4], "pid": os.getpid()}
+            return None
+
+        def classify(self, data: bytes):
+            return self.udf({"bytes": np.array([data], dtype=object)}).column("predictions").to_pylist()[0]
+
+    probes = [Probe.remote(shared) for _ in range(2)]
+    try:
+        found = ray.get([p.where.remote() for p in probes], timeout=JOB_TIMEOUT_S)
+        path = image_dir / "digit-5-idx1319.png"
+        results = ray.get([p.classify.remote(path.read_bytes()) for p in probes], timeout=JOB_TIMEOUT_S)
+    finally:
+        for p in probes:
+            ray.kill(p)
+    assert found[0]["pid"] != found[1]["pid"]
+    for f in found:
+        assert f is not None and not f["writeable"] and "plasma" in f["file"], f
+    assert (found[0]["file"], found[0]["inode"]) == (found[1]["file"], found[1]["inode"])
+    assert results == [lib.classify(path), lib.classify(path)]
+
+
 # --------------------------------------------------------------------------- vitnp classify --ray
 
 
