@@ -230,8 +230,8 @@ def _load(value, path):
 
     if value is None:
         raise ImageError(f"'{path}': no image data" if path is not None else "no image data")
-    if isinstance(value, (bytes, bytearray, memoryview)) or (isinstance(value, np.ndarray) and value.dtype == object):
-        data = bytes(value) if not isinstance(value, np.ndarray) else bytes(value.item())
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
         if path is None:
             return load_image(data)
         f = io.BytesIO(data)
@@ -591,12 +591,15 @@ def run_serve(args, token: str | None) -> int:
                 return 2
             seen.update((name, *aliases))
             models.append((name, aliases, shared))
+        autoscaling = tuple(args.autoscale) if args.autoscale else None
+        # Compute threads per replica (Ray reserves as many CPUs for it): the cores of a node shared among
+        # the replicas it would hold (at the most replicas autoscaling may start).
+        threads = args.threads or default_threads(autoscaling[1] if autoscaling else args.replicas)
         settings = ServeSettings(
             max_batch_size=args.max_batch_size, max_wait_s=args.max_wait_ms / 1000.0, max_queue=args.max_queue,
             token=token, max_body_bytes=int(args.max_body_mb * 1024 * 1024), body_timeout=args.body_timeout,
-            cache_size=args.cache_size, decode_threads=args.decode_threads, threads=args.threads,
+            cache_size=args.cache_size, decode_threads=args.decode_threads, threads=threads,
             max_image_pixels=args.max_image_pixels)
-        autoscaling = tuple(args.autoscale) if args.autoscale else None
         serve.start(http_options={"host": args.host, "port": args.port})
         app = serve_application(models, settings, replicas=args.replicas, autoscaling=autoscaling)
         serve.run(app, name="vitnp", route_prefix="/")
