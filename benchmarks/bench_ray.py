@@ -256,6 +256,11 @@ def run(args) -> dict:
     memory["weights_mib"] = shared_weights_mib(model)
     one, four = memory["shared"].get("1"), memory["shared"].get("4")
     pss_ratio = four["sum_pss_mib"] / one["sum_pss_mib"] if one and four else None
+    # The same comparison with the one weights copy counted whole on both sides (the actors' PSS leaves the
+    # driver's share of it out): the node's memory for 4 actors vs for 1.
+    w = memory["weights_mib"]
+    memory["node_total_ratio_4_vs_1"] = ((four["sum_other_pss_mib"] + w) / (one["sum_other_pss_mib"] + w)
+                                         if one and four else None)
     ratio1 = summary.get("ray_1", {}).get("ratio_to_plain_cli")
     return {
         "machine": args.machine, "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -291,6 +296,9 @@ def print_report(data: dict) -> None:
     print()
     print(common.format_table(["", "summed PSS MiB", "object store part", "rest", "x 1 shared actor"], rows))
     print(f"packed weights (one copy in the object store): {data['memory']['weights_mib']:.0f} MiB")
+    if data["memory"].get("node_total_ratio_4_vs_1"):
+        print(f"4 vs 1 actors with the weights copy counted whole on both sides: "
+              f"{data['memory']['node_total_ratio_4_vs_1']:.2f}x")
     t = data["targets"]
     a, b = t["ray_1_worker_vs_plain_cli"], t["pss_4_vs_1_actors"]
     print(f"\ntarget: Ray 1 worker >= {a['min']}x plain CLI: "
