@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray", action="store_true",
                    help="run the job on Ray Data: a local Ray cluster, or the one at --ray-address")
     r.add_argument("--ray-address", metavar="ADDR", help="address of an existing Ray cluster (e.g. auto, ray://host:10001)")
-    r.add_argument("--workers", type=positive_int, help="model actors (default 1)")
+    r.add_argument("--workers", type=positive_int, metavar="N", help="model actors (default 1)")
     r.add_argument("--output", "-o", metavar="FILE.parquet|FILE.jsonl",
                    help="with --ray: write the results to this Parquet or JSON-lines file")
     c.set_defaults(func=run_classify)

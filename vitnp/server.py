@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray", action="store_true",
                    help="serve with Ray Serve (same protocol): a local Ray cluster, or the one at --ray-address")
     r.add_argument("--ray-address", metavar="ADDR", help="address of an existing Ray cluster")
-    r.add_argument("--replicas", type=positive_int, default=1, help="with --ray: replicas (default 1)")
+    r.add_argument("--replicas", type=positive_int, default=1, metavar="N", help="with --ray: replicas (default 1)")
     r.add_argument("--autoscale", type=_replica_range, metavar="MIN:MAX",
                    help="with --ray: autoscale between MIN and MAX replicas on ongoing requests")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
