@@ -374,36 +374,51 @@ def _micro_rows(a, a_off, lda, b, b_off, c, c_off, ldc, groups, rows, cols, add,
                      cscale, colsum, bias, n_off)
 
 
+@intrinsic
+def _fetch_add(typingctx, counter, value):
+    """Atomically counter[0] += value; returns the old value."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and value == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", data, args[1], "monotonic")
+    return types.int64(counter, value), codegen
+
+
 @njit(cache=True, parallel=True)
 def _qgemm_tasks(a, lda, groups, b, group, c, rows_total, cols_total, rscale, rzp, cscale, colsum, bias,
-                 epilogue, row_split, col_split, row_block, workers):
-    """Tasks of row_split x col_split (whole micro-tiles); per task: blocks of row_block rows of A (L2),
-    column panels outer (one B panel, read MR rows at a time, stays in L1/L2), row panels inner."""
+                 epilogue, task_rows, task_cols, workers, counter):
+    """Tasks of task_rows x task_cols (whole micro-tiles), handed out through an atomic counter: a worker
+    that the OS deschedules (other processes on the cores) delays one task, not a fixed share of the GEMM.
+    Per task: column panels outer (one B panel stays in L1/L2), row panels inner (the task's rows of A,
+    at most A_BLOCK_BYTES, stay in L2); GELU on the task's block right after."""
     c_flat = c.reshape(-1)
-    col_tasks = _cdiv(cols_total, col_split)
-    tasks = _cdiv(rows_total, row_split) * col_tasks
+    col_tasks = _cdiv(cols_total, task_cols)
+    tasks = _cdiv(rows_total, task_rows) * col_tasks
     add = epilogue == 2
     panel = groups * NR * group
     for w in prange(workers):
-        for task in range(w, tasks, workers):
+        while True:
+            task = _fetch_add(counter, 1)
+            if task >= tasks:
+                break
             rt = task // col_tasks
             ct = task - rt * col_tasks
-            r0 = rt * row_split
-            c0 = ct * col_split
-            r1 = min(r0 + row_split, rows_total)
-            c1 = min(c0 + col_split, cols_total)
-            for m0 in range(r0, r1, row_block):
-                m1 = min(m0 + row_block, r1)
-                for col in range(c0, c1, NR):
-                    cols = min(NR, c1 - col)
-                    b_off = (col // NR) * panel
-                    for row in range(m0, m1, MR):
-                        rows = min(MR, m1 - row)
-                        _micro_rows(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col, cols_total,
-                                    groups, rows, cols, add, rscale, rzp, row, cscale, colsum, bias, col)
-                if epilogue == 1:
-                    for i in range(m0, m1):
-                        gelu_inplace_serial(c_flat[i * cols_total + c0:i * cols_total + c1])
+            r0 = rt * task_rows
+            c0 = ct * task_cols
+            r1 = min(r0 + task_rows, rows_total)
+            c1 = min(c0 + task_cols, cols_total)
+            for col in range(c0, c1, NR):
+                cols = min(NR, c1 - col)
+                b_off = (col // NR) * panel
+                for row in range(r0, r1, MR):
+                    rows = min(MR, r1 - row)
+                    _micro_rows(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col, cols_total,
+                                groups, rows, cols, add, rscale, rzp, row, cscale, colsum, bias, col)
+            if epilogue == 1:
+                for i in range(r0, r1):
+                    gelu_inplace_serial(c_flat[i * cols_total + c0:i * cols_total + c1])
 
 
 # -- activations ----------------------------------------------------------------------------------------
@@ -483,16 +498,26 @@ def _quantize_row_into(x, qa, scale_out, zp_out, i, kind_madd):
     zp_out[i] = zp
 
 
+@njit(cache=True)
+def _quantize_row_or_pad(x, qa, scale_out, zp_out, i, kind_madd):
+    if i < x.shape[0]:
+        _quantize_row_into(x[i], qa[i], scale_out, zp_out, i, kind_madd)
+    else:
+        qa[i, :] = 0
+        scale_out[i] = 0.0
+        zp_out[i] = 0
+
+
 @njit(cache=True, parallel=True)
 def _quantize_rows(x, qa, scale_out, zp_out, kind_madd):
-    rows = x.shape[0]
     for i in prange(qa.shape[0]):
-        if i < rows:
-            _quantize_row_into(x[i], qa[i], scale_out, zp_out, i, kind_madd)
-        else:
-            qa[i, :] = 0
-            scale_out[i] = 0.0
-            zp_out[i] = 0
+        _quantize_row_or_pad(x, qa, scale_out, zp_out, i, kind_madd)
+
+
+@njit(cache=True)
+def _quantize_rows_serial(x, qa, scale_out, zp_out, kind_madd):
+    for i in range(qa.shape[0]):
+        _quantize_row_or_pad(x, qa, scale_out, zp_out, i, kind_madd)
 
 
 @njit(cache=True)
@@ -509,20 +534,30 @@ def _bf16_row(x, out):
         out[j] = 0
 
 
+@njit(cache=True)
+def _bf16_row_or_pad(x, out, i):
+    if i < x.shape[0]:
+        _bf16_row(x[i], out[i])
+    else:
+        out[i, :] = 0
+
+
 @njit(cache=True, parallel=True)
 def _bf16_rows(x, out):
-    rows = x.shape[0]
     for i in prange(out.shape[0]):
-        if i < rows:
-            _bf16_row(x[i], out[i])
-        else:
-            out[i, :] = 0
+        _bf16_row_or_pad(x, out, i)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
+def _bf16_rows_serial(x, out):
+    for i in range(out.shape[0]):
+        _bf16_row_or_pad(x, out, i)
+
+
+@njit(cache=True)
 def _copy_rows(x, out):
     rows, k = x.shape
-    for i in prange(out.shape[0]):
+    for i in range(out.shape[0]):
         if i < rows:
             out[i, :k] = x[i]
             out[i, k:] = 0.0
@@ -650,14 +685,24 @@ def _scratch(name, rows, cols, dtype):
     return buf[:rows * cols].reshape(rows, cols)
 
 
-def _plan(rows, cols, workers):
-    if workers <= 1:
-        return _cdiv(rows, MR) * MR, cols
-    if rows < cols or rows < 2 * MR * workers:
-        return _cdiv(rows, MR) * MR, max(NR, _cdiv(_cdiv(cols, workers), NR) * NR)
-    return _cdiv(_cdiv(rows, workers), MR) * MR, cols
+TASKS_PER_WORKER = 4  # enough tasks that a stalled worker's share is picked up by the others
 
 
+def _plan(rows, cols, row_bytes, workers):
+    """(task_rows, task_cols): row blocks whose A slab fits A_BLOCK_BYTES, columns cut so that there are
+    about TASKS_PER_WORKER tasks per worker (whole micro-tiles, at least two column panels each)."""
+    block = max(MR, (A_BLOCK_BYTES // max(1, row_bytes)) // MR * MR)
+    task_rows = min(block, _cdiv(rows, MR) * MR)
+    row_tasks = _cdiv(rows, task_rows)
+    panels = _cdiv(cols, NR)
+    col_tasks = max(1, min(_cdiv(panels, 2), _cdiv(TASKS_PER_WORKER * workers, row_tasks))) if workers > 1 else 1
+    return task_rows, _cdiv(panels, col_tasks) * NR
+
+
+# Activations up to this many elements are quantised on the calling thread: one vectorised pass over a
+# (197, 3072) activation takes ~80 us, while starting and joining a parallel region costs 10-100 us on an idle
+# machine and ~1 ms when other processes share the cores (measured), and a ViT-B forward has 48 of them.
+SERIAL_PREPARE_MAX = 1 << 20
 _ROW_SCRATCH = np.zeros(1, np.float32)
 _ZP_SCRATCH = np.zeros(1, np.int32)
 
@@ -669,13 +714,14 @@ def prepare_a(x, kind):
     rows_pad = _cdiv(max(rows, 1), MR) * MR
     kp = _cdiv(k, g) * g
     a = _scratch("a", rows_pad, kp, A_DTYPE[kind])
+    serial = rows_pad * kp <= SERIAL_PREPARE_MAX
     if kind in INT8_KINDS:
         scale = _scratch("scale", 1, rows_pad, np.float32)[0]
         zp = _scratch("zp", 1, rows_pad, np.int32)[0]
-        _quantize_rows(x, a, scale, zp, kind == "madd")
+        (_quantize_rows_serial if serial else _quantize_rows)(x, a, scale, zp, kind == "madd")
         return a, scale, zp
     if kind == "dpbf16":
-        _bf16_rows(x, a)
+        (_bf16_rows_serial if serial else _bf16_rows)(x, a)
     else:
         _copy_rows(x, a)
     return a, _ROW_SCRATCH, _ZP_SCRATCH
@@ -690,11 +736,12 @@ def qgemm(x, weight: PackedWeight, out, epilogue="none"):
     a, rscale, rzp = prepare_a(x, weight.kind)
     lda = a.shape[1]
     workers = get_num_threads()
-    row_split, col_split = _plan(rows, n, workers)
-    row_block = max(MR, (A_BLOCK_BYTES // max(1, lda * a.itemsize)) // MR * MR)
+    task_rows, task_cols = _plan(rows, n, lda * a.itemsize, workers)
+    counter = _scratch("counter", 1, 1, np.int64)[0]
+    counter[0] = 0
     _qgemm_tasks(a.reshape(-1), lda, weight.groups, weight.packed, weight.group, out, rows, n, rscale, rzp,
-                 weight.cscale, weight.colsum, weight.bias, EPILOGUES[epilogue], row_split, col_split,
-                 row_block, workers)
+                 weight.cscale, weight.colsum, weight.bias, EPILOGUES[epilogue], task_rows, task_cols,
+                 workers, counter)
 
 
 @njit(cache=True)
