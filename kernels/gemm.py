@@ -36,7 +36,7 @@ KC = 256     # K slab: an A sliver (MR x KC) is 6-12 KiB, an NR panel of B 16-32
 NCS = 768    # columns per B block: fewer, wider blocks mean fewer passes over the packed A slab
 MC_MAX = 2048          # rows of A packed per slab at most (bounds the per-worker A buffer)
 PACK_B_MIN_ROWS = 384  # below this many rows per task, read w_t in place instead of packing
-PANEL_OUTER_MAX_ROWS = 256  # pre-packed weight, up to this many rows per task: the A slab stays in L2
+PANEL_OUTER_MAX_ROWS = 256  # pre-packed weight: rows per panel-outer pass (its A rows stay in L2)
 LINE = 16              # float32 per cache line
 PF_SHIFT_MIN = 3       # prefetch a new line at most every 8 k steps
 
@@ -251,9 +251,16 @@ def _gemm_tasks(x, w_flat, bias, has_bias, out, epilogue, row_split, col_split, 
             r0 = rt * row_split
             c0 = ct * col_split
             r1 = min(r0 + row_split, rows)
-            if prepacked and r1 - r0 <= PANEL_OUTER_MAX_ROWS:
-                _run_task_panel_outer(x_flat, w_flat, bias, has_bias, out_flat, depth, cols, epilogue,
-                                      r0, r1, c0, min(c0 + col_split, cols), a_bufs[w])
+            if prepacked:
+                # Many rows: row chunks of <= PANEL_OUTER_MAX_ROWS, each the panel-outer order (its A rows
+                # stay in L2 while every B panel passes through L1 once); the pre-packed weight is streamed
+                # once per chunk from L3 (ViT-B's largest is 9 MiB).  Chunks are whole micro-panels.
+                chunks = _cdiv(r1 - r0, PANEL_OUTER_MAX_ROWS)
+                chunk_rows = _cdiv(_cdiv(r1 - r0, chunks), MR) * MR
+                for q0 in range(r0, r1, chunk_rows):
+                    _run_task_panel_outer(x_flat, w_flat, bias, has_bias, out_flat, depth, cols, epilogue,
+                                          q0, min(q0 + chunk_rows, r1), c0, min(c0 + col_split, cols),
+                                          a_bufs[w])
             else:
                 _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows, depth, cols, epilogue,
                           r0, r1, c0, min(c0 + col_split, cols), a_bufs[w], b_bufs[w],
