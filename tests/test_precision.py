@@ -398,3 +398,19 @@ def test_base_models_int8_error_no_larger_than_onnxruntime_int8(request, fixture
     assert figures["vitnp-int8"][0] >= figures["ort-int8"][0]
     assert figures["vitnp-bf16"][1] <= figures["vitnp-int8"][1]
     assert figures["vitnp-bf16"][0] == 1.0
+
+
+def test_server_loads_models_in_the_requested_precision():
+    from vitnp.batching import BatchingOptions, ModelRegistry
+    from vitnp.server import build_parser
+
+    args = build_parser().parse_args(["--model", "bundled:digits", "--precision", "int8"])
+    assert args.precision == "int8"
+    assert build_parser().parse_args(["--model", "bundled:digits"]).precision == "fp32"
+    registry = ModelRegistry(BatchingOptions(), warmup=False, precision=args.precision)
+    try:
+        worker = registry.load_startup_model("bundled:digits")
+        assert worker.classifier.precision == "int8"
+        assert worker.classifier.backend_report()["layers"]["fc1"]["precision"] == "int8"
+    finally:
+        registry.close()
