@@ -634,15 +634,28 @@ def _padded(values, n_pad, dtype):
     return out
 
 
+def _row_parts(weight):
+    """A 2-D weight, or a list of 2-D weights stacked along N (e.g. q, k, v read separately from the file)."""
+    parts = list(weight) if isinstance(weight, (list, tuple)) else [weight]
+    k = parts[0].shape[1]
+    if any(p.ndim != 2 or p.shape[1] != k for p in parts):
+        raise ValueError("weight parts must be 2-D with the same number of columns")
+    return parts, sum(p.shape[0] for p in parts), k
+
+
 def pack_int8(weight, bias=None, kind=None):
-    """(N, K) float weight -> PackedWeight for the int8 kernel `kind` (default: this CPU's)."""
+    """(N, K) float weight (or a list of row blocks) -> PackedWeight for the int8 kernel `kind` (default:
+    this CPU's).  A float32 part (e.g. a read-only view of a mapped file) is read in place, never copied."""
     kind = kind or INT8_KIND
-    w = np.ascontiguousarray(weight, np.float32)
-    n_out, k = w.shape
+    parts, n_out, k = _row_parts(weight)
     q = np.empty((n_out, k), np.int8)
     scale = np.empty(n_out, np.float32)
     colsum = np.empty(n_out, np.int32)
-    quantize_weight_rows(w, q, scale, colsum)
+    r = 0
+    for part in parts:
+        n = part.shape[0]
+        quantize_weight_rows(np.ascontiguousarray(part, np.float32), q[r:r + n], scale[r:r + n], colsum[r:r + n])
+        r += n
     return pack_quantized(q, scale, colsum, bias, kind)
 
 
@@ -659,8 +672,13 @@ def pack_quantized(q, scale, colsum, bias, kind):
 def pack_bf16(weight, bias=None, kind=None):
     """(N, K) float weight -> PackedWeight of its bfloat16 rounding for kernel `kind` (default: this CPU's)."""
     kind = kind or BF16_KIND
-    n_out, k = weight.shape
-    bits = bf16_bits(weight)
+    parts, n_out, k = _row_parts(weight)
+    bits = np.empty((n_out, k), np.uint16)
+    r = 0
+    for part in parts:
+        n = part.shape[0]
+        _bf16_row(np.ascontiguousarray(part, np.float32).reshape(-1), bits[r:r + n].reshape(-1))
+        r += n
     n_pad = _cdiv(n_out, NR) * NR
     g = GROUP[kind]
     packed = aligned_empty(1, n_pad * _cdiv(k, g) * g, np.uint16)[0]

@@ -48,11 +48,14 @@ class QLinear:
             raise ValueError(f"precision must be one of {REDUCED}, got {precision!r}")
         self.precision = precision
         if packed is None:
-            weight = np.asarray(weight)
-            if weight.ndim != 2 or weight.dtype.kind != "f":
-                raise TypeError(f"weight must be a 2-D float array (out_features, in_features), got "
-                                f"{weight.dtype} {weight.shape}")
-            n_out = weight.shape[0]
+            # one (N, K) array, or a list of row blocks stacked along N (a fused q|k|v from three tensors)
+            parts = [np.asarray(w) for w in weight] if isinstance(weight, (list, tuple)) else [np.asarray(weight)]
+            for part in parts:
+                if part.ndim != 2 or part.dtype.kind != "f" or part.shape[1] != parts[0].shape[1]:
+                    raise TypeError(f"weight must be a 2-D float array (out_features, in_features) or a list of "
+                                    f"them with equal in_features, got {part.dtype} {part.shape}")
+            weight = parts if len(parts) > 1 else parts[0]
+            n_out = sum(p.shape[0] for p in parts)
             if bias is not None:
                 bias = np.asarray(bias)
                 if bias.shape != (n_out,):

@@ -232,23 +232,36 @@ def load_weights(model_dir: str | Path, cfg: ViTConfig, backend: str = "auto", p
     for i in range(cfg.num_hidden_layers):
         q = f"{p}.encoder.layer.{i}."
         att = q + "attention.attention."
-        qkv_w = np.concatenate([get(att + n + ".weight") for n in ("query", "key", "value")])
+        qkv_names = [att + n + ".weight" for n in ("query", "key", "value")]
         qkv_b = (np.concatenate([get(att + n + ".bias") for n in ("query", "key", "value")])
                  if cfg.qkv_bias else None)
+        if precision != "fp32" and all(tensors[n].entries[n][0] == "F32" for n in qkv_names):
+            # The three mapped tensors are quantised / rounded in place: no fused float32 copy.
+            qkv = QLinear([tensors[n].view(n) for n in qkv_names], qkv_b, precision=precision)
+            for n in qkv_names:
+                tensors[n].release(n)
+        else:
+            qkv = make_linear(np.concatenate([get(n) for n in qkv_names]), qkv_b)
         layers.append(LayerWeights(
             ln1_weight=get(q + "layernorm_before.weight"), ln1_bias=get(q + "layernorm_before.bias"),
-            qkv=make_linear(qkv_w, qkv_b),
+            qkv=qkv,
             attn_out=linear(q + "attention.output.dense"),
             ln2_weight=get(q + "layernorm_after.weight"), ln2_bias=get(q + "layernorm_after.bias"),
             fc1=linear(q + "intermediate.dense"),
             fc2=linear(q + "output.dense"),
         ))
-        del qkv_w, qkv_b
+        del qkv, qkv_b
 
-    conv = get(f"{p}.embeddings.patch_embeddings.projection.weight")
+    conv_name = f"{p}.embeddings.patch_embeddings.projection.weight"
+    conv_bias = get(f"{p}.embeddings.patch_embeddings.projection.bias")
+    if precision != "fp32" and tensors[conv_name].entries[conv_name][0] == "F32":
+        patch_embed = QLinear(tensors[conv_name].view(conv_name).reshape(D, -1), conv_bias, precision=precision)
+        tensors[conv_name].release(conv_name)
+    else:
+        patch_embed = make_linear(get(conv_name).reshape(D, -1), conv_bias)
     heads = ["cls_classifier", "distillation_classifier"] if cfg.distilled else ["classifier"]
     return ViTWeights(
-        patch_embed=make_linear(conv.reshape(D, -1), get(f"{p}.embeddings.patch_embeddings.projection.bias")),
+        patch_embed=patch_embed,
         prefix_tokens=np.ascontiguousarray(prefix_tokens, dtype=np.float32),
         patch_pos_embed=np.ascontiguousarray(pos[cfg.num_prefix_tokens:]),
         layers=layers,
