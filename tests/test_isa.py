@@ -5,7 +5,6 @@ the GEMM micro-kernel's k loop free of spills in the register width the variant 
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -16,27 +15,12 @@ import pytest
 import torch
 import transformers
 
+from references import attention_reference, gelu_reference
 from vitnp.kernels import isa
 
 RUNNABLE = isa.ISAS[isa.ISAS.index(isa.host_isa()):]
 VECTOR_REGISTER = {"avx512": "zmm", "avx2": "ymm", "generic": "xmm"}
 TOLERANCE = 1e-4
-
-
-def gelu64(x):
-    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
-
-
-def attention64(qkv, heads):
-    batch, seq, width3 = qkv.shape
-    width = width3 // 3
-    hd = width // heads
-    q, k, v = (qkv[..., i * width:(i + 1) * width].astype(np.float64)
-               .reshape(batch, seq, heads, hd).transpose(0, 2, 1, 3) for i in range(3))
-    s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd)
-    s = np.exp(s - s.max(-1, keepdims=True))
-    s /= s.sum(-1, keepdims=True)
-    return (s @ v).transpose(0, 2, 1, 3).reshape(batch, seq, width)
 
 
 @pytest.fixture(scope="module", params=RUNNABLE)
@@ -84,14 +68,14 @@ def test_gemm_matches_float64(probe, shape):
     _, data, _ = probe
     x, w, b = (data[f"gemm_{shape}_{part}"].astype(np.float64) for part in "xwb")
     product = x @ w.T + b
-    expected = {"none": product, "gelu": gelu64(product), "add": data[f"gemm_{shape}_residual"] + product}
+    expected = {"none": product, "gelu": gelu_reference(product), "add": data[f"gemm_{shape}_residual"] + product}
     for epilogue, want in expected.items():
         np.testing.assert_allclose(data[f"gemm_{shape}_{epilogue}"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_attention_matches_float64(probe):
     _, data, _ = probe
-    np.testing.assert_allclose(data["attention_out"], attention64(data["attention_qkv"], 6), rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(data["attention_out"], attention_reference(data["attention_qkv"], 6), rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("key", ["tiny_vit", "tiny_deit_distilled", "base_vit"])

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from references import attention_reference, gelu_reference
 from vitnp import kernels
 from vitnp.kernels import gemm as gemm_module
 
@@ -27,12 +28,6 @@ def threads(request):
     kernels.set_num_threads(request.param)
     yield request.param
     kernels.set_num_threads(previous)
-
-
-def gelu_reference(x):
-    x = np.asarray(x, np.float64)
-    erf = np.vectorize(math.erf, otypes=[np.float64])
-    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,18 +164,6 @@ def test_softmax_rows_is_stable_for_large_logits():
 
 # --------------------------------------------------------------------------------------------------
 # attention
-
-
-def attention_reference(qkv, num_heads):
-    batch, seq, width3 = qkv.shape
-    width = width3 // 3
-    hd = width // num_heads
-    q, k, v = (qkv[..., i * width:(i + 1) * width].astype(np.float64)
-               .reshape(batch, seq, num_heads, hd).transpose(0, 2, 1, 3) for i in range(3))
-    s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd)
-    s = np.exp(s - s.max(-1, keepdims=True))
-    s /= s.sum(-1, keepdims=True)
-    return (s @ v).transpose(0, 2, 1, 3).reshape(batch, seq, width)
 
 
 @pytest.mark.parametrize("batch,seq,width,heads", [
