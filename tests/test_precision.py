@@ -314,7 +314,11 @@ def test_backend_report_says_what_runs(precision, tiny_deit_distilled):
     for name in ("patch_embed", "qkv", "attn_out", "fc1", "fc2"):
         assert report["layers"][name]["precision"] == precision
         assert report["layers"][name]["kernel"] == kind
-    assert "precision" not in report["layers"]["head"]  # the heads stay float32
+    if precision == "int8":  # int8 quantises the heads too (like ORT's quantize_dynamic), bf16 keeps them float32
+        assert report["layers"]["head"]["precision"] == "int8"
+        assert all(isinstance(h, QLinear) for h in clf.weights.heads)
+    else:
+        assert "precision" not in report["layers"]["head"]
     assert precision in repr(clf)
     assert vitnp.load(tiny_deit_distilled).backend_report()["precision"] == "fp32"
 
