@@ -46,12 +46,27 @@ def _shape_key(shape):
 
 
 def _read():
+    """The stored decisions; re-read only when the file changed (a model's ~50 layers each ask at load)."""
+    path = cache_path()
     try:
-        with open(cache_path()) as f:
+        stamp = os.stat(path)
+        stamp = (path, stamp.st_mtime_ns, stamp.st_size)
+        if _memo.get("stamp") == stamp:
+            return _memo["data"]
+        with open(path) as f:
             data = json.load(f)
-        return data if isinstance(data, dict) else {}
+        data = data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+    _memo["stamp"], _memo["data"] = stamp, data
+    return data
+
+
+def choices_for(machine, k, n):
+    """The set of backends stored for this machine and any (rows, k, n)."""
+    suffix = f"x{k}x{n}"
+    return {entry.get("backend") for shape, entry in _read().get(machine, {}).items()
+            if shape.endswith(suffix) and shape.count("x") == 2 and isinstance(entry, dict)}
 
 
 def load(machine, shape):
@@ -65,7 +80,7 @@ def load(machine, shape):
 
 def save(machine, shape, choice, timings):
     with _lock:
-        data = _read()
+        data = json.loads(json.dumps(_read()))  # a private copy: the memo is shared
         data.setdefault(machine, {})[_shape_key(shape)] = {"backend": choice, "seconds": timings}
         path = cache_path()
         try:

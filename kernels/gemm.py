@@ -389,6 +389,35 @@ def _pack_panels(w_t, padded, packed):
                     packed[base + p * NR + j] = w_t[k0 + p, c0 + j]
 
 
+def pack_weight_nk(weight):
+    """pack_weight() of weight.T, read straight from an (N, K) float32 nn.Linear weight (any
+    strides, read-only memory maps included): one pass, no transposed copy."""
+    cols, depth = weight.shape
+    padded = _cdiv(cols, NR) * NR
+    packed = aligned_empty(1, max(1, depth * padded))[0]
+    _pack_panels_nk(weight, padded, packed)
+    return packed
+
+
+@njit(cache=True)
+def _pack_panels_nk(weight, padded, packed):
+    cols, depth = weight.shape
+    packed[:] = 0.0
+    for k0 in range(0, depth, KC):
+        kc = min(KC, depth - k0)
+        for panel in range(padded // NR):
+            base = k0 * padded + panel * kc * NR
+            c0 = panel * NR
+            # 16 k steps at a time: one cache line of each of the panel's NR weight rows is read, and the
+            # 16 x NR block written is contiguous (k by k), so both sides stay in L1.
+            for p0 in range(0, kc, LINE):
+                p1 = min(p0 + LINE, kc)
+                for j in range(min(NR, cols - c0)):
+                    row = weight[c0 + j]
+                    for p in range(p0, p1):
+                        packed[base + p * NR + j] = row[k0 + p]
+
+
 @njit(cache=True)
 def _unpack_panels(packed, w_t):
     depth, cols = w_t.shape

@@ -13,6 +13,7 @@ BACKENDS = ("auto", "numba", "blas")
 K_BY_N = "k_by_n"   # (K, N) C-contiguous: read by BLAS and (in place) by the Numba GEMM
 PANELS = "panels"   # gemm.pack_weight layout: Numba GEMM only
 AUTO_REPEATS = 5
+_PACKABLE = (np.dtype(np.float32),)  # Numba has no float16 arithmetic: those go through a float32 transpose
 AUTO_SETTLE_SECONDS = 0.1  # > OpenBLAS's default worker spin (2**28 cycles): each block starts on idle cores
 
 
@@ -46,13 +47,14 @@ class Linear:
                             f"{weight.dtype} {weight.shape}")
         self.out_features, self.in_features = weight.shape
         self.backend = backend
-        weight_t = _transpose_to_f32(weight)
-        # (layout, array) swapped as one attribute, so a concurrent call sees a consistent pair.
-        if backend == "numba":
-            self._weight = (PANELS, _gemm.pack_weight(weight_t))
-            del weight_t
+        # (layout, array) swapped as one attribute, so a concurrent call sees a consistent pair.  Packed
+        # straight from (N, K) when the layer will run the Numba GEMM: for "auto", when this machine's stored
+        # decisions for the shape all chose Numba (the common case after the first run).
+        if backend == "numba" or (backend == "auto" and self._stored_choices() == {"numba"}):
+            self._weight = (PANELS, _gemm.pack_weight_nk(weight) if weight.dtype in _PACKABLE
+                            else _gemm.pack_weight(_transpose_to_f32(weight)))
         else:
-            self._weight = (K_BY_N, weight_t)
+            self._weight = (K_BY_N, _transpose_to_f32(weight))
         self._layout_final = backend != "auto"
         if bias is None:
             self.bias = None
@@ -90,6 +92,11 @@ class Linear:
                 self._layout_final = True
             elif choice == "blas":
                 self._layout_final = True
+
+    def _stored_choices(self):
+        """The backends this machine's stored decisions chose for this layer's (K, N), over all row counts."""
+        machine = autotune_store.machine_key(numba.get_num_threads(), isa.ISA)
+        return autotune_store.choices_for(machine, self.in_features, self.out_features)
 
     def _stored_or_timed_choice(self, key):
         machine = autotune_store.machine_key(numba.get_num_threads(), isa.ISA)

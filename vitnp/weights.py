@@ -85,6 +85,10 @@ def expected_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     return e
 
 
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+_POPULATE_MIN_BYTES = 1 << 20
+
+
 class _TensorFile:
     """Zero-copy views on one .safetensors file (header parsed per the safetensors spec)."""
 
@@ -120,6 +124,14 @@ class _TensorFile:
 
     def view(self, name: str) -> np.ndarray:
         dtype, shape, offset, nbytes = self.entries[name]
+        if nbytes >= _POPULATE_MIN_BYTES:
+            # Map the tensor's pages in one call instead of one page fault per 4 KiB as the copy walks it
+            # (ViT-B: ~85k faults, two thirds of the load time); only this tensor's, so the peak stays low.
+            start = offset - offset % mmap.PAGESIZE
+            try:
+                self._mmap.madvise(_MADV_POPULATE_READ, start, offset + nbytes - start)
+            except OSError:  # kernels before 5.14: faults as usual
+                pass
         return self._bytes[offset:offset + nbytes].view(_DTYPES[dtype]).reshape(shape)
 
     def release(self, name: str) -> None:
@@ -217,6 +229,11 @@ def load_weights(model_dir: str | Path, cfg: ViTConfig, backend: str = "auto", p
         if reduced and precision != "fp32" and tensors[name].entries[name][0] == "F32":
             # Quantised / rounded straight from the mapped file: no float32 copy of the weight at all.
             layer = QLinear(tensors[name].view(name), bias, precision=precision)
+            tensors[name].release(name)
+            return layer
+        if tensors[name].entries[name][0] in ("F32", "F16"):
+            # Linear reads the mapped tensor once into its own layout (transposed or packed): no copy first.
+            layer = make_linear(tensors[name].view(name), bias, reduced)
             tensors[name].release(name)
             return layer
         return make_linear(get(name), bias, reduced)
