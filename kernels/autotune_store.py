@@ -34,8 +34,16 @@ def machine_key(threads, isa):
                 cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
         except OSError:
             pass
+        import numpy
+
+        # numpy's own BLAS only (the one np.matmul calls): other libraries may load theirs at any time (Numba
+        # imports SciPy's while it sets up), which must not change the key between runs.
+        pools = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+        # numpy wheels keep their BLAS in numpy.libs/ (or inside the package); a system numpy links its own.
+        own = [i for i in pools if os.path.basename(os.path.dirname(i.get("filepath") or "")).startswith("numpy")
+               or (i.get("filepath") or "").startswith(os.path.dirname(numpy.__file__))]
         blas = sorted(f"{i.get('internal_api')}-{i.get('version')}-{i.get('architecture')}"
-                      for i in threadpool_info() if i.get("user_api") == "blas")
+                      for i in (own or pools))
         _memo["key"] = f"{cpu}|{os.cpu_count()} cpus|{','.join(blas)}"
     waits = ",".join(f"{name}={os.environ.get(name, '')}" for name in _POOL_SETTINGS)
     return f"{_memo['key']}|isa={isa}|threads={threads}|{waits}"

@@ -35,6 +35,10 @@ def _warm_gemm():
     for epilogue in ("none", "gelu", "add"):
         layer(x, np.zeros((5, 40), np.float32), epilogue)
         unbiased(x, np.zeros((5, 40), np.float32), epilogue)
+    # Weights are packed at load straight from the checkpoint's read-only memory map (a type of its own).
+    mapped = _rand(40, 24)
+    mapped.setflags(write=False)
+    Linear(mapped, None, backend="numba")
 
 
 def _warm_blas_epilogues():
@@ -65,7 +69,7 @@ _WARMERS = {"gemm": _warm_gemm, "attention": _warm_attention, "layernorm": _warm
 def _dispatchers(group):
     from . import elementwise, gemm, mha
 
-    return {"gemm": [gemm._gemm_tasks, gemm._pack_panels],
+    return {"gemm": [gemm._gemm_tasks, gemm._pack_panels, gemm._pack_panels_nk],
             "attention": [mha._attention],
             "layernorm": [elementwise._layernorm_rows],
             "blas_epilogues": [gemm.apply_epilogue_inplace, gemm.add_product_inplace]}[group]

@@ -48,3 +48,15 @@ def test_unwritable_cache_dir_only_means_timing_again(tmp_path, monkeypatch):
     out = np.empty((13, 20), np.float32)
     Linear(weight, backend="auto")(x, out)
     np.testing.assert_allclose(out, x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_machine_key_names_numpys_blas_only():
+    """Numba loads SciPy's OpenBLAS while it sets up; the key must not change with it, or every later run would
+    miss the decisions the first one stored (and time them again)."""
+    import subprocess
+    import sys
+
+    script = ("from vitnp.kernels import autotune_store as s; before = s.machine_key(2, 'avx2'); s._memo.clear(); "
+              "import scipy.linalg; print(before == s.machine_key(2, 'avx2'))")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "True"
