@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-GROUPS = ("gemm", "attention", "layernorm", "blas_epilogues")
+GROUPS = ("gemm", "attention", "layernorm", "blas_epilogues", "int8", "bf16")
 
 
 def _rand(*shape):
@@ -39,6 +39,24 @@ def _warm_gemm():
     mapped = _rand(40, 24)
     mapped.setflags(write=False)
     Linear(mapped, None, backend="numba")
+
+
+def _warm_reduced(precision):
+    from . import qgemm
+    from .qlinear import QLinear
+
+    def mapped(rows):  # weights come from the checkpoint's read-only memory map
+        w = _rand(rows, 24)
+        w.setflags(write=False)
+        return w
+
+    layers = [QLinear(mapped(16), _rand(16), precision=precision),
+              QLinear([mapped(16), mapped(16), mapped(16)], _rand(48), precision=precision)]  # fused q|k|v
+    for rows in (5, qgemm.SERIAL_PREPARE_MAX // 24 + 16):  # activations prepared serially, and in parallel
+        x = _rand(rows, 24)
+        for layer in layers:
+            for epilogue in ("none", "gelu", "add"):
+                layer(x, np.zeros((rows, layer.out_features), np.float32), epilogue)
 
 
 def _warm_blas_epilogues():
@@ -63,12 +81,17 @@ def _warm_layernorm():
 
 
 _WARMERS = {"gemm": _warm_gemm, "attention": _warm_attention, "layernorm": _warm_layernorm,
-            "blas_epilogues": _warm_blas_epilogues}
+            "blas_epilogues": _warm_blas_epilogues, "int8": lambda: _warm_reduced("int8"),
+            "bf16": lambda: _warm_reduced("bf16")}
 
 
 def _dispatchers(group):
     from . import elementwise, gemm, mha
 
+    if group in ("int8", "bf16"):
+        from . import qgemm
+
+        return [qgemm._qgemm_tasks]
     return {"gemm": [gemm._gemm_tasks, gemm._pack_panels, gemm._pack_panels_nk],
             "attention": [mha._attention],
             "layernorm": [elementwise._layernorm_rows],
@@ -91,10 +114,12 @@ def _cached_for_this_cpu(dispatcher) -> bool:
     return any(isinstance(key, tuple) and len(key) > 1 and key[1] == magic for key in index)
 
 
-def groups_for_backend(backend: str) -> tuple:
-    """The kernel groups a transformer forward pass with this GEMM backend runs."""
+def groups_for_backend(backend: str, precision: str = "fp32") -> tuple:
+    """The kernel groups a transformer forward pass with this GEMM backend and weight precision runs (int8
+    runs every projection in int8; bf16 keeps float32 heads)."""
     gemm = {"numba": ("gemm",), "blas": ("blas_epilogues",)}.get(backend, ("gemm", "blas_epilogues"))
-    return (*gemm, "attention", "layernorm")
+    reduced = {"int8": ("int8",), "bf16": ("bf16", *gemm)}.get(precision, gemm)
+    return (*reduced, "attention", "layernorm")
 
 
 def cold_groups(groups=GROUPS) -> list[str]:
@@ -109,7 +134,7 @@ def cold_groups(groups=GROUPS) -> list[str]:
 
 
 # Rough share of a cold compile, to split the groups evenly between processes (measured on ViT kernels).
-_COST = {"gemm": 5.0, "attention": 3.5, "layernorm": 0.5, "blas_epilogues": 0.4}
+_COST = {"gemm": 5.0, "attention": 3.5, "layernorm": 0.5, "blas_epilogues": 0.4, "int8": 5.0, "bf16": 5.0}
 
 
 def compile_groups(groups, processes=None, on_done=None) -> dict:

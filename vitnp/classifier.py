@@ -149,17 +149,17 @@ def load(model: str | os.PathLike, revision: str | None = None, token: str | boo
     processor_path = Path(location.path) / "preprocessor_config.json"
     processor = (load_preprocessor_config(processor_path, config.model_type) if processor_path.is_file()
                  else default_preprocessor_config(config.model_type))
-    compile_kernels(backend, progress)
+    compile_kernels(backend, progress, precision)
     return Classifier(location, config, processor, backend, threads, precision=precision)
 
 
-def compile_kernels(backend: str = "auto", progress: bool = True) -> dict:
+def compile_kernels(backend: str = "auto", progress: bool = True, precision: str = "fp32") -> dict:
     """Compile the kernels a forward pass with this backend needs, unless Numba's disk cache already holds
     them for this CPU.  Only a first run ever compiles (~5-10 s, spread over the cores); it says so on stderr,
     with a progress bar on a terminal.  Returns {kernel group: seconds} for what was compiled."""
     from .kernels import isa, warmup
 
-    groups = warmup.groups_for_backend(backend)
+    groups = warmup.groups_for_backend(backend, precision)
     cold = warmup.cold_groups(groups)
     if not cold:
         return {}
