@@ -22,7 +22,6 @@ AUTO_SETTLE_SECONDS = 0.1  # > OpenBLAS's default worker spin (2**28 cycles): ea
 _auto_choice = {}
 _auto_timings = {}
 _auto_lock = threading.Lock()
-_blas_idle_at = 0.0  # perf_counter time by which OpenBLAS workers have stopped spinning after auto's last BLAS run
 _local = threading.local()
 
 
@@ -137,19 +136,17 @@ class Linear:
             self._run(name, weight, normed, out, "none")
             self._run("numba", packed, normed, after, "none")
 
-        global _blas_idle_at
         times = {}
         for name, weight in candidates.items():
             in_context(name, weight)  # compile / warm up
-            # Start on idle cores: wait out the spin of a BLAS pool that ran last (Numba's own spin is short).
-            time.sleep(max(0.0, _blas_idle_at - time.perf_counter()))
+            # Start on idle cores: whatever ran before (the other candidate, or the caller's own BLAS calls)
+            # may still have a pool spinning.
+            time.sleep(AUTO_SETTLE_SECONDS)
             times[name] = []
             for _ in range(AUTO_REPEATS):
                 start = time.perf_counter()
                 in_context(name, weight)
                 times[name].append(time.perf_counter() - start)
-            if name == "blas":
-                _blas_idle_at = time.perf_counter() + AUTO_SETTLE_SECONDS
         best = {name: min(t) for name, t in times.items()}
         choice = "blas" if best["blas"] < best["numba"] else "numba"
         _auto_timings[key] = best
