@@ -7,7 +7,8 @@ worker processes side by side (one per core) and the calling process then only l
 runs do not start any process: `cold_groups` reads the cache index files to see what is missing.
 
 A group is compiled by calling its kernels on tiny arrays of the same types the real calls use (float32,
-C-contiguous, writable), which produces exactly the signatures that later calls look up.
+C-contiguous; read-only where the weights come straight from the checkpoint's memory map), which produces
+exactly the signatures that later calls look up.
 """
 from __future__ import annotations
 
@@ -91,7 +92,11 @@ def _dispatchers(group):
     if group in ("int8", "bf16"):
         from . import qgemm
 
-        return [qgemm._qgemm_tasks]
+        # The int8 and bf16 GEMMs share one driver (with different operand types): each mode's own
+        # activation-preparing kernel tells whether that mode was compiled.
+        prepare = (qgemm._quantize_rows if group == "int8" else
+                   qgemm._bf16_rows if qgemm.BF16_KIND == "dpbf16" else qgemm._copy_rows)
+        return [qgemm._qgemm_tasks, prepare]
     return {"gemm": [gemm._gemm_tasks, gemm._pack_panels, gemm._pack_panels_nk],
             "attention": [mha._attention],
             "layernorm": [elementwise._layernorm_rows],
