@@ -137,3 +137,15 @@ def test_closed_pipe_stops_quietly(tiny_vit, image_tree):
     proc.stdout.close()
     _, err = proc.communicate(timeout=300)
     assert b"Traceback" not in err and proc.returncode in (0, 141)
+
+
+def test_cli_process_does_not_load_scipy_blas_for_numba(examples_dir):
+    """Numba's start-up probe would import SciPy's BLAS (29 MB) where SciPy is installed; the CLI skips it and
+    still classifies. The library, imported by a user's program, leaves SciPy alone."""
+    script = ("import sys; from vitnp.cli import main; "
+              "code = main(['classify', '--model', 'bundled:digits', sys.argv[1]]); "
+              "print(code, sys.modules.get('scipy.linalg') is not None)")
+    run = subprocess.run([sys.executable, "-c", script, str(examples_dir / "digits" / "digit-3-idx0705.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.stdout.splitlines()[-1] == "0 False", run.stderr[-2000:]
+    assert "  3\n" in run.stdout or " 3\n" in run.stdout
