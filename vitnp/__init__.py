@@ -36,7 +36,15 @@ def __getattr__(name):
         from . import classifier
 
         return getattr(classifier, name)
+    if name in _SUBMODULES:  # `import vitnp; vitnp.kernels...` as before the engine loaded lazily
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'vitnp' has no attribute {name!r}")
+
+
+_SUBMODULES = ("kernels", "classifier", "config", "weights", "model", "preprocess", "postprocess", "hub",
+               "batching", "server", "cli", "ray")
 
 __all__ = [
     "Classifier", "classify", "load", "errors", "VitnpError", "ImageError", "ParameterError", "ConfigError",
