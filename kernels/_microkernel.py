@@ -154,7 +154,7 @@ def make_microkernel(mr, nr, lanes, prefetch_b=False):
                     with then_store:
                         _store_full(builder, c_rows, results, lanes, add=False)
             with ragged:
-                _store_ragged(builder, c_rows, results, lanes, acc_flag, rows_v, cols_v)
+                store_ragged(builder, c_rows, results, lanes, acc_flag, rows_v, cols_v)
         return context.get_dummy_value()
 
 
@@ -181,29 +181,28 @@ def _store_full(builder, c_rows, results, lanes, add):
             builder.store(value, ptr, align=4)
 
 
-def _store_ragged(builder, c_rows, results, lanes, acc_flag, rows_v, cols_v):
-    """Rows below `rows` only; lanes below `cols` only (masked load/store: AVX-512 mask registers,
-    AVX2 vmaskmovps, element by element on SSE)."""
-    LANES = lanes
-    _VEC = ir.VectorType(_F32, lanes)
-    _MASK = ir.VectorType(_I1, lanes)
+def store_ragged(builder, c_rows, results, lanes, acc_flag, rows_v, cols_v):
+    """Store (or, under acc_flag, add) the float32 tile `results` ([row][vector]) into the rows `c_rows`:
+    rows below `rows_v` only, lanes below `cols_v` only (masked load/store: AVX-512 mask registers, AVX2
+    vmaskmovps, element by element on SSE).  Shared by the fp32 and the int8/bf16 micro-kernels."""
+    vec = ir.VectorType(_F32, lanes)
+    mask = ir.VectorType(_I1, lanes)
+    lane_vec = ir.VectorType(_I64, lanes)
     module = builder.module
-    vec_ptr = _VEC.as_pointer()
+    vec_ptr = vec.as_pointer()
     masked_load = cgutils.get_or_insert_function(
-        module, ir.FunctionType(_VEC, [vec_ptr, _I32, _MASK, _VEC]), f"llvm.masked.load.v{lanes}f32.p0")
+        module, ir.FunctionType(vec, [vec_ptr, _I32, mask, vec]), f"llvm.masked.load.v{lanes}f32.p0")
     masked_store = cgutils.get_or_insert_function(
-        module, ir.FunctionType(ir.VoidType(), [_VEC, vec_ptr, _I32, _MASK]), f"llvm.masked.store.v{lanes}f32.p0")
-    lane_ids = ir.Constant(ir.VectorType(_I64, LANES), list(range(LANES)))
-    zero = ir.Constant(_VEC, [0.0] * LANES)
+        module, ir.FunctionType(ir.VoidType(), [vec, vec_ptr, _I32, mask]), f"llvm.masked.store.v{lanes}f32.p0")
+    lane_ids = ir.Constant(lane_vec, list(range(lanes)))
+    zero = ir.Constant(vec, [0.0] * lanes)
     align = ir.Constant(_I32, 4)
     masks = []
     for v in range(len(results[0])):
-        remaining = builder.sub(cols_v, _const(v * LANES))
+        remaining = builder.sub(cols_v, _const(v * lanes))
         splat = builder.shuffle_vector(
-            builder.insert_element(ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined), remaining,
-                                   ir.Constant(_I32, 0)),
-            ir.Constant(ir.VectorType(_I64, LANES), ir.Undefined),
-            ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+            builder.insert_element(ir.Constant(lane_vec, ir.Undefined), remaining, ir.Constant(_I32, 0)),
+            ir.Constant(lane_vec, ir.Undefined), ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
         masks.append(builder.icmp_signed("<", lane_ids, splat))
     for i, (c_row, row) in enumerate(zip(c_rows, results)):
         with builder.if_then(builder.icmp_signed("<", _const(i), rows_v)):

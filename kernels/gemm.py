@@ -368,11 +368,15 @@ def pack_weight(w_t):
     contiguous run, instead of 128-byte pieces of w_t rows 3-12 KiB apart.  (Panels spanning all of K
     were tried: with K=3072 the panels start 384 KiB apart, all on the same L2 sets, and fc2 got slower.)
     """
-    depth, cols = w_t.shape
-    padded = _cdiv(cols, NR) * NR
-    packed = aligned_empty(1, max(1, depth * padded))[0]
+    padded, packed = _panel_buffer(*w_t.shape)
     _pack_panels(w_t, padded, packed)
     return packed
+
+
+def _panel_buffer(depth, cols):
+    """(N rounded up to NR, a 64-byte aligned flat buffer for the packed (K, N) weight)."""
+    padded = _cdiv(cols, NR) * NR
+    return padded, aligned_empty(1, max(1, depth * padded))[0]
 
 
 @njit(cache=True)
@@ -393,8 +397,7 @@ def pack_weight_nk(weight):
     """pack_weight() of weight.T, read straight from an (N, K) float32 nn.Linear weight (any
     strides, read-only memory maps included): one pass, no transposed copy."""
     cols, depth = weight.shape
-    padded = _cdiv(cols, NR) * NR
-    packed = aligned_empty(1, max(1, depth * padded))[0]
+    padded, packed = _panel_buffer(depth, cols)
     _pack_panels_nk(weight, padded, packed)
     return packed
 

@@ -95,11 +95,10 @@ class Linear:
 
     def _stored_choices(self):
         """The backends this machine's stored decisions chose for this layer's (K, N), over all row counts."""
-        machine = autotune_store.machine_key(numba.get_num_threads(), isa.ISA)
-        return autotune_store.choices_for(machine, self.in_features, self.out_features)
+        return autotune_store.choices_for(_machine_key(), self.in_features, self.out_features)
 
     def _stored_or_timed_choice(self, key):
-        machine = autotune_store.machine_key(numba.get_num_threads(), isa.ISA)
+        machine = _machine_key()
         stored = autotune_store.load(machine, key)
         if stored is not None:
             _auto_choice[key], _auto_timings[key] = stored
@@ -213,6 +212,11 @@ class Linear:
 
     def __repr__(self):
         return f"Linear(in_features={self.in_features}, out_features={self.out_features}, backend={self.backend!r})"
+
+
+def _machine_key():
+    """Where this process's auto decisions are filed: CPU, ISA, thread count, BLAS, pool settings."""
+    return autotune_store.machine_key(numba.get_num_threads(), isa.ISA)
 
 
 def _transpose_to_f32(weight):

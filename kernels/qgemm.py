@@ -38,6 +38,7 @@ from numba.extending import intrinsic
 
 from . import isa
 from ._aligned import aligned_empty
+from ._microkernel import store_ragged
 from .elementwise import gelu_inplace_serial
 
 MR = isa.SPEC.gemm_mr
@@ -304,7 +305,7 @@ def _codegen(kind, mr, nr, lanes, vectors):
                             with then_store:
                                 builder.store(value, ptr, align=4)
             with ragged:
-                _store_ragged(builder, c_rows, values, lanes, add_flag, rows, cols)
+                store_ragged(builder, c_rows, values, lanes, add_flag, rows, cols)
         return context.get_dummy_value()
 
     return codegen
@@ -320,34 +321,6 @@ def _no_unroll(module, branch):
     loop_id = module.add_metadata([ir.MetaDataString(module, f"vitnp.qgemm.k.{next(_loop_ids)}"), disable])
     loop_id.operands = (loop_id, disable)  # a loop ID refers to itself
     branch.set_metadata("llvm.loop", loop_id)
-
-
-def _store_ragged(builder, c_rows, values, lanes, add_flag, rows, cols):
-    FVEC = ir.VectorType(_F32, lanes)
-    MASK = ir.VectorType(_I1, lanes)
-    module = builder.module
-    vec_ptr = FVEC.as_pointer()
-    masked_load = cgutils.get_or_insert_function(
-        module, ir.FunctionType(FVEC, [vec_ptr, _I32, MASK, FVEC]), f"llvm.masked.load.v{lanes}f32.p0")
-    masked_store = cgutils.get_or_insert_function(
-        module, ir.FunctionType(ir.VoidType(), [FVEC, vec_ptr, _I32, MASK]), f"llvm.masked.store.v{lanes}f32.p0")
-    lane_ids = ir.Constant(ir.VectorType(_I64, lanes), list(range(lanes)))
-    zero = ir.Constant(FVEC, [0.0] * lanes)
-    align = ir.Constant(_I32, 4)
-    undef64 = ir.Constant(ir.VectorType(_I64, lanes), ir.Undefined)
-    masks = []
-    for v in range(len(values[0])):
-        remaining = builder.sub(cols, _c64(v * lanes))
-        spl = builder.shuffle_vector(builder.insert_element(undef64, remaining, ir.Constant(_I32, 0)), undef64,
-                                     ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
-        masks.append(builder.icmp_signed("<", lane_ids, spl))
-    for i, (c_row, row) in enumerate(zip(c_rows, values)):
-        with builder.if_then(builder.icmp_signed("<", _c64(i), rows)):
-            for v, value in enumerate(row):
-                ptr = builder.bitcast(builder.gep(c_row, [_c64(v * lanes)]), vec_ptr)
-                old = builder.call(masked_load, [ptr, align, masks[v], zero])
-                value = builder.select(add_flag, builder.fadd(old, value), value)
-                builder.call(masked_store, [value, ptr, align, masks[v]])
 
 
 _micro = make_qkernel(MR)
