@@ -48,6 +48,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
+    # What a /health probe may meet while the server starts (anything else fails the start-up), and how often
+    # it probes.
+    NOT_UP_YET = (requests.ConnectionError,)
+    POLL_S = 0.2
+
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None, cwd: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -69,9 +74,9 @@ class ServerProcess:
             try:
                 if requests.get(self.url + "/health", timeout=5).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except self.NOT_UP_YET:
                 pass
-            time.sleep(0.2)
+            time.sleep(self.POLL_S)
         self.stop()
         raise RuntimeError(f"server did not start within {STARTUP_TIMEOUT_S}s:\n{self.log()}")
 

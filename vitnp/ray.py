@@ -563,10 +563,6 @@ def run_serve(args, token: str | None) -> int:
         return 2
     try:
         require_ray()
-    except VitnpError as e:
-        print(f"vitnp serve: {e}", file=sys.stderr)
-        return 2
-    try:
         ray = init_ray(args.ray_address)
     except VitnpError as e:
         print(f"vitnp serve: {e}", file=sys.stderr)
