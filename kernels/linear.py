@@ -154,16 +154,7 @@ class Linear:
 
     # -- compute ---------------------------------------------------------------------------------
     def __call__(self, x, out, epilogue="none"):
-        check_f32_contiguous(x, "x")
-        check_f32_contiguous(out, "out")
-        if x.ndim != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"Linear: x must be (M, {self.in_features}), got {x.shape}")
-        if out.shape != (x.shape[0], self.out_features):
-            raise ValueError(f"Linear: out must be {(x.shape[0], self.out_features)}, got {out.shape}")
-        if epilogue not in _gemm.EPILOGUES:
-            raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {tuple(_gemm.EPILOGUES)}")
-        if np.may_share_memory(x, out):
-            raise ValueError("Linear: out must not overlap x (the product is written while x is read)")
+        check_layer_call(self, x, out, epilogue, _gemm.EPILOGUES)
         backend = self.backend_for(x.shape[0])
         self._run(backend, self._weight, x, out, epilogue)
         return out
@@ -212,6 +203,21 @@ class Linear:
 
     def __repr__(self):
         return f"Linear(in_features={self.in_features}, out_features={self.out_features}, backend={self.backend!r})"
+
+
+def check_layer_call(layer, x, out, epilogue, epilogues):
+    """The checks every layer call makes (Linear and QLinear alike); errors name the layer's class."""
+    name = type(layer).__name__
+    check_f32_contiguous(x, "x")
+    check_f32_contiguous(out, "out")
+    if x.ndim != 2 or x.shape[1] != layer.in_features:
+        raise ValueError(f"{name}: x must be (M, {layer.in_features}), got {x.shape}")
+    if out.shape != (x.shape[0], layer.out_features):
+        raise ValueError(f"{name}: out must be {(x.shape[0], layer.out_features)}, got {out.shape}")
+    if epilogue not in epilogues:
+        raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {tuple(epilogues)}")
+    if np.may_share_memory(x, out):
+        raise ValueError(f"{name}: out must not overlap x (the product is written while x is read)")
 
 
 def _machine_key():

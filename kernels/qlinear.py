@@ -12,7 +12,7 @@ import numpy as np
 
 from . import isa
 from . import qgemm
-from .elementwise import check_f32_contiguous
+from .linear import check_layer_call
 
 PRECISIONS = ("fp32", "bf16", "int8")
 REDUCED = ("bf16", "int8")
@@ -75,16 +75,7 @@ class QLinear:
         return self.packed.bias[:self.out_features] if self.has_bias else None
 
     def __call__(self, x, out, epilogue="none"):
-        check_f32_contiguous(x, "x")
-        check_f32_contiguous(out, "out")
-        if x.ndim != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"QLinear: x must be (M, {self.in_features}), got {x.shape}")
-        if out.shape != (x.shape[0], self.out_features):
-            raise ValueError(f"QLinear: out must be {(x.shape[0], self.out_features)}, got {out.shape}")
-        if epilogue not in qgemm.EPILOGUES:
-            raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {tuple(qgemm.EPILOGUES)}")
-        if np.may_share_memory(x, out):
-            raise ValueError("QLinear: out must not overlap x (the product is written while x is read)")
+        check_layer_call(self, x, out, epilogue, qgemm.EPILOGUES)
         qgemm.qgemm(x, self.packed, out, epilogue)
         return out
 
