@@ -10,15 +10,14 @@ Backend: numba everywhere (the layout that can be shared; "auto" picks it on the
 1. Throughput, --rounds rounds, systems interleaved so they see the same background load:
    - plain CLI: `python -m vitnp classify DIR --json --batch-size 8 --backend numba` as a real process, its
      stdout lines timestamped as they arrive;
-   - Ray Data, W workers (W in --workers, default 1,2): in this process, on a local Ray cluster with all
-     cores, `read_binary_files -> map_batches(vitnp.ray.ImageClassifier, ActorPoolStrategy(size=W),
-     batch_size=8, num_cpus=cores/W, threads=cores/W)` over the same files, batches timestamped as
-     iter_batches yields them (in order).
+   - Ray Data, W workers (W in --workers, default 1,2): the job `vitnp classify --ray --workers W --output
+     x.parquet` runs (vitnp.ray.run_job: path blocks -> map_batches(vitnp.ray.ImageClassifier,
+     ActorPoolStrategy(size=W), batch_size=8, num_cpus=cores/W, threads=cores/W) -> Parquet), called in this
+     process on a local Ray cluster with all cores that stays up across runs, over the same files.
    Each system runs the full job (--images files) and a one-batch job (8 of the files) every round; its
    images/s is (N - 8) / (T_N - T_8), T being the end-to-end wall time of the job: what is fixed per job
    (process or actor start, model load or rebuild from the shared weights, JIT cache load) cancels out
-   the same way for both. End-to-end seconds are reported too, and the arrival rate of results (first to
-   last batch seen by the consumer, which flatters the pipelined Ray job) is recorded in the JSON.
+   the same way for both. End-to-end seconds are reported too.
 2. Memory: N = 1, 2, 4 actors (threads=1 each) built from the one shared model (vitnp.ray.share: the
    weights in Ray's object store), each having classified one batch of 8; then each actor's
    /proc/<pid>/smaps_rollup Pss is summed, and the part of it that lies in the object store's shared-memory
@@ -61,15 +60,6 @@ def make_images(directory: Path, count: int) -> list[str]:
     return paths
 
 
-def steady_rate(stamps: list[tuple[float, int]], t_start: float) -> dict:
-    """stamps: (time, images done so far) per result batch."""
-    first_t, first_n = stamps[0]
-    last_t, last_n = stamps[-1]
-    rate = (last_n - first_n) / (last_t - first_t) if last_t > first_t else float("nan")
-    return {"images": last_n, "steady_images_per_s": rate, "end_to_end_s": last_t - t_start,
-            "first_batch_s": first_t - t_start}
-
-
 def differential(full: dict, small: dict, count: int) -> dict:
     """(N - 8) / (T_N - T_8); NaN when start-up noise exceeds the extra work (tiny models, few images)."""
     extra = full["end_to_end_s"] - small["end_to_end_s"]
@@ -81,45 +71,26 @@ def run_plain_cli(model: Path, image_dir: Path, count: int) -> dict:
     cmd = [sys.executable, "-m", "vitnp", "classify", str(image_dir), "--model", str(model), "--json",
            "--batch-size", str(BATCH), "--backend", BACKEND]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
-    stamps, n, last_batch_t = [], 0, None
-    for line in proc.stdout:
-        n += 1
-        now = time.perf_counter()
-        # The CLI prints a batch's lines together: one stamp per batch of BATCH images.
-        if n % BATCH == 0 or n == count:
-            stamps.append((now, n))
-            last_batch_t = now
-    err = proc.stderr.read()
-    if proc.wait() != 0 or n != count:
-        raise RuntimeError(f"plain CLI failed ({proc.returncode}, {n} of {count} lines):\n{err}")
-    del last_batch_t
-    return steady_rate(stamps, t0)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    lines = proc.stdout.count("\n")
+    if proc.returncode != 0 or lines != count:
+        raise RuntimeError(f"plain CLI failed ({proc.returncode}, {lines} of {count} lines):\n{proc.stderr}")
+    return {"images": count, "end_to_end_s": seconds}
 
 
-def run_ray_job(shared, paths: list[str], workers: int, cpus: int) -> dict:
-    import ray
-
+def run_ray_job(shared, paths: list[str], workers: int, cpus: int, out_dir: Path) -> dict:
+    """The job `vitnp classify --ray` runs (vitnp.ray.run_job), on the running cluster, writing Parquet."""
     import vitnp.ray
 
     threads = max(1, cpus // workers)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
+    output = out_dir / f"ray-{workers}-{len(paths)}.parquet"
     t0 = time.perf_counter()
-    ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=0)
-    ds = ds.map_batches(vitnp.ray.ImageClassifier,
-                        fn_constructor_kwargs={"model": shared, "top_k": 5, "threads": threads},
-                        compute=ray.data.ActorPoolStrategy(size=workers), batch_size=BATCH, num_cpus=threads)
-    stamps, n, errors = [], 0, 0
-    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        n += table.num_rows
-        errors += table.num_rows - table.column("error").null_count
-        stamps.append((time.perf_counter(), n))
-    if n != len(paths) or errors:
-        raise RuntimeError(f"Ray job: {n} rows for {len(paths)} images, {errors} errors")
-    out = steady_rate(stamps, t0)
-    out.update(workers=workers, threads_per_worker=threads)
-    return out
+    rows, errors = vitnp.ray.run_job(paths, shared, output, workers=workers, threads=threads, batch_size=BATCH)
+    seconds = time.perf_counter() - t0
+    if rows != len(paths) or errors:
+        raise RuntimeError(f"Ray job: {rows} rows for {len(paths)} images, {errors} errors")
+    return {"images": rows, "end_to_end_s": seconds, "workers": workers, "threads_per_worker": threads}
 
 
 def shared_weights_mib(model) -> float:
@@ -227,8 +198,8 @@ def run(args) -> dict:
                 print(f"round {round_ + 1}: plain CLI: {r['images_per_s']:.2f} img/s "
                       f"(end to end {r['end_to_end_s']:.1f} s, one batch {small['end_to_end_s']:.1f} s)", flush=True)
                 for w in args.workers:
-                    small = run_ray_job(shared, paths[:BATCH], w, cpus)
-                    r = run_ray_job(shared, paths, w, cpus)
+                    small = run_ray_job(shared, paths[:BATCH], w, cpus, Path(tmp))
+                    r = run_ray_job(shared, paths, w, cpus, Path(tmp))
                     r.update(differential(r, small, args.images))
                     results[f"ray_{w}"].append(r)
                     print(f"round {round_ + 1}: Ray Data, {w} worker(s) x {r['threads_per_worker']} threads: "
@@ -246,7 +217,6 @@ def run(args) -> dict:
         finally:
             ray.shutdown()
     summary = {name: {"images_per_s": statistics.median(r["images_per_s"] for r in runs),
-                      "arrival_images_per_s": statistics.median(r["steady_images_per_s"] for r in runs),
                       "end_to_end_s": statistics.median(r["end_to_end_s"] for r in runs),
                       "one_batch_end_to_end_s": statistics.median(r["one_batch_end_to_end_s"] for r in runs)}
                for name, runs in results.items()}

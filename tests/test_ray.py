@@ -116,6 +116,38 @@ def test_binary_files_job_matches_library_row_for_row(shared, lib, image_dir):
     assert "bytes" not in rows[0], "the raw image column is not copied to the output"
 
 
+def test_path_column_job_reads_files_in_the_actors(shared, lib, image_dir):
+    """The CLI job's input: path blocks built on the driver, files read (or found missing) by the actors."""
+    missing = str(image_dir.parent / "no-such-digit.png")
+    paths = sorted(str(p) for p in image_dir.iterdir()) + [missing]
+    ds = ray.data.from_arrow(vitnp.ray.path_blocks(paths, 4))
+    ds = ds.map_batches(vitnp.ray.ImageClassifier, fn_constructor_kwargs={"model": shared, "top_k": 3},
+                        compute=ray.data.ActorPoolStrategy(size=2), batch_size=4, num_cpus=1)
+    rows = as_python(ds.take_all())
+    expected = expected_rows(lib, image_dir, 3)
+    with pytest.raises(vitnp.ImageError) as e:
+        lib.classify(missing)
+    expected[missing] = (None, str(e.value))
+    assert len(rows) == 13
+    check_rows(rows, expected)
+    assert "no such file" in expected[missing][1]
+
+
+@pytest.mark.parametrize("count, batch_size", [(1, 8), (96, 8), (97, 8), (13, 4), (9000, 8), (2_000_000, 16)])
+def test_path_blocks_hold_whole_batches_in_order(count, batch_size):
+    paths = [f"/images/{i:07d}.jpg" for i in range(count)]
+    blocks = vitnp.ray.path_blocks(paths, batch_size)
+    sizes = [b.num_rows for b in blocks]
+    assert [p for b in blocks for p in b.column("path").to_pylist()] == paths
+    assert all(n % batch_size == 0 for n in sizes[:-1]), "only the job's last batch may be short"
+    assert max(sizes) <= batch_size * vitnp.ray.MAX_BATCHES_PER_BLOCK
+    expected_blocks = -(-count // batch_size) if count <= batch_size * vitnp.ray.TARGET_BLOCKS else None
+    if expected_blocks:
+        assert len(blocks) == expected_blocks, "one batch per block on jobs up to TARGET_BLOCKS batches"
+    else:
+        assert len(blocks) <= 2 * vitnp.ray.TARGET_BLOCKS or max(sizes) == batch_size * vitnp.ray.MAX_BATCHES_PER_BLOCK
+
+
 def test_read_images_arrays_match_library(shared, lib, image_dir, tmp_path):
     good = tmp_path / "good"
     good.mkdir()
