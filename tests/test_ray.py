@@ -148,6 +148,16 @@ def test_path_blocks_hold_whole_batches_in_order(count, batch_size):
         assert len(blocks) <= 2 * vitnp.ray.TARGET_BLOCKS or max(sizes) == batch_size * vitnp.ray.MAX_BATCHES_PER_BLOCK
 
 
+def test_run_job_without_paths_writes_empty_files(shared, tmp_path):
+    import pyarrow.parquet as pq
+
+    assert vitnp.ray.run_job([], shared, tmp_path / "none.parquet") == (0, 0)
+    table = pq.read_table(tmp_path / "none.parquet")
+    assert table.num_rows == 0 and table.column_names == ["path", *vitnp.ray.OUTPUT_COLUMNS]
+    assert vitnp.ray.run_job([], shared, tmp_path / "none.jsonl") == (0, 0)
+    assert (tmp_path / "none.jsonl").read_text() == ""
+
+
 def test_read_images_arrays_match_library(shared, lib, image_dir, tmp_path):
     good = tmp_path / "good"
     good.mkdir()

@@ -314,15 +314,18 @@ def run_job(paths: list[str], model: SharedModel, output: str | os.PathLike, wor
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     threads = threads or default_threads(workers)
-    ds = ray.data.from_arrow(path_blocks(paths, batch_size))
-    ds = ds.map_batches(ImageClassifier, fn_constructor_kwargs={
-        "model": model, "top_k": top_k, "function_to_apply": function_to_apply, "threads": threads,
-    }, compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch_size, num_cpus=threads)
+    tables = ()  # no paths: an empty output file, and no actor started
+    if paths:
+        ds = ray.data.from_arrow(path_blocks(paths, batch_size))
+        ds = ds.map_batches(ImageClassifier, fn_constructor_kwargs={
+            "model": model, "top_k": top_k, "function_to_apply": function_to_apply, "threads": threads,
+        }, compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch_size, num_cpus=threads)
+        tables = ds.iter_batches(batch_format="pyarrow", batch_size=None)
     tmp = output.with_name(f".{output.name}.partial")
     rows = failures = 0
     writer = _ParquetOutput(tmp) if fmt == "parquet" else _JsonlOutput(tmp)
     try:
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for table in tables:
             table = table.select(["path", *OUTPUT_COLUMNS])
             writer.write(table)
             rows += table.num_rows
