@@ -116,8 +116,8 @@ class Linear:
         default, unless OPENBLAS_THREAD_TIMEOUT was set before numpy loaded), and a spinning pool takes
         cores from the kernels that follow.  So what a BLAS call costs in a forward pass includes the slowdown
         of the Numba kernels after it; the same-shape Numba GEMM after each candidate puts that in the
-        candidate's time.  Each candidate is timed in its own block after a pause, so one's after-effects
-        never land in the other's time.  The faster in context is chosen, on any CPU and ISA.
+        candidate's time.  Both are timed after one pause, numba's block first, so BLAS's after-effects never
+        land in numba's time.  The faster in context is chosen, on any CPU and ISA.
         """
         rows = key[0]
         rng = np.random.default_rng(0)
@@ -126,7 +126,7 @@ class Linear:
         after = np.empty_like(out)
         weight_t = rng.standard_normal((self.in_features, self.out_features), dtype=np.float32)
         packed = (PANELS, _gemm.pack_weight(weight_t))
-        candidates = {"numba": packed, "blas": (K_BY_N, weight_t)}
+        candidates = {"numba": packed, "blas": (K_BY_N, weight_t)}  # this order: see the pause below
         normed = np.empty_like(x)
         gamma, beta = np.ones(self.in_features, np.float32), np.zeros(self.in_features, np.float32)
 
@@ -135,12 +135,15 @@ class Linear:
             self._run(name, weight, normed, out, "none")
             self._run("numba", packed, normed, after, "none")
 
-        times = {}
         for name, weight in candidates.items():
             in_context(name, weight)  # compile / warm up
-            # Start on idle cores: whatever ran before (the other candidate, or the caller's own BLAS calls)
-            # may still have a pool spinning.
-            time.sleep(AUTO_SETTLE_SECONDS)
+        # Start on idle cores: the warm-up above, or the caller's own BLAS calls, may still have a pool spinning.
+        # One pause serves both blocks: numba's comes first and makes no BLAS call, so the BLAS block too starts
+        # with OpenBLAS's pool idle; Numba's pool spins only a few milliseconds, and every BLAS repetition
+        # follows Numba kernels anyway (the same-shape GEMM that closes the one before), as in a forward pass.
+        time.sleep(AUTO_SETTLE_SECONDS)
+        times = {}
+        for name, weight in candidates.items():  # numba, then blas
             times[name] = []
             for _ in range(AUTO_REPEATS):
                 start = time.perf_counter()
