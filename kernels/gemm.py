@@ -142,9 +142,8 @@ def _finish_tile(out_flat, ldc, row, rows, col, cols, bias, has_bias, epilogue):
 
 @njit(cache=True, fastmath=True)
 def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_total, epilogue,
-              r0, r1, c0, c1, a_buf, b_buf, pack_b, prepacked):
+              r0, r1, c0, c1, a_buf, b_buf, pack_b):
     row_block = _row_block(r1 - r0)
-    padded_cols = _cdiv(cols_total, NR) * NR
     for m0 in range(r0, r1, row_block):
         m1 = min(m0 + row_block, r1)
         row_panels = _cdiv(m1 - m0, MR)
@@ -157,9 +156,7 @@ def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_
                 s1 = min(s0 + NCS, c1)
                 col_panels = _cdiv(s1 - s0, NR)
                 full_col_panels = (s1 - s0) // NR
-                if prepacked:
-                    pass
-                elif pack_b:
+                if pack_b:
                     _pack_b(w_flat, cols_total, k0, kc, s0, s1 - s0, b_buf)
                 elif full_col_panels < col_panels:
                     # Only the ragged last panel is packed (reading it in place would run off the row).
@@ -172,9 +169,7 @@ def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_
                     for jp in range(col_panels):
                         col = s0 + jp * NR
                         cols = min(NR, s1 - col)
-                        if prepacked:
-                            b, b_off, ldb = w_flat, k0 * padded_cols + (col // NR) * kc * NR, NR
-                        elif pack_b:
+                        if pack_b:
                             b, b_off, ldb = b_buf, jp * kc * NR, NR
                         elif cols == NR:
                             b, b_off, ldb = w_flat, k0 * cols_total + col, cols_total
@@ -236,7 +231,8 @@ def _run_task_panel_outer(x_flat, w_packed, bias, has_bias, out_flat, depth, col
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def _gemm_tasks(x, w_flat, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, b_bufs, prepacked):
+def _gemm_tasks(x, w_t_flat, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, b_bufs):
+    """The workers' tasks on a (K, N) weight read in place (B packed per task when enough rows reuse it)."""
     rows, depth = x.shape
     cols = out.shape[1]
     x_flat = x.reshape(-1)
@@ -251,20 +247,37 @@ def _gemm_tasks(x, w_flat, bias, has_bias, out, epilogue, row_split, col_split, 
             r0 = rt * row_split
             c0 = ct * col_split
             r1 = min(r0 + row_split, rows)
-            if prepacked:
-                # Many rows: row chunks of <= PANEL_OUTER_MAX_ROWS, each the panel-outer order (its A rows
-                # stay in L2 while every B panel passes through L1 once); the pre-packed weight is streamed
-                # once per chunk from L3 (ViT-B's largest is 9 MiB).  Chunks are whole micro-panels.
-                chunks = _cdiv(r1 - r0, PANEL_OUTER_MAX_ROWS)
-                chunk_rows = _cdiv(_cdiv(r1 - r0, chunks), MR) * MR
-                for q0 in range(r0, r1, chunk_rows):
-                    _run_task_panel_outer(x_flat, w_flat, bias, has_bias, out_flat, depth, cols, epilogue,
-                                          q0, min(q0 + chunk_rows, r1), c0, min(c0 + col_split, cols),
-                                          a_bufs[w])
-            else:
-                _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows, depth, cols, epilogue,
-                          r0, r1, c0, min(c0 + col_split, cols), a_bufs[w], b_bufs[w],
-                          r1 - r0 >= PACK_B_MIN_ROWS, prepacked)
+            _run_task(x_flat, w_t_flat, bias, has_bias, out_flat, rows, depth, cols, epilogue,
+                      r0, r1, c0, min(c0 + col_split, cols), a_bufs[w], b_bufs[w], r1 - r0 >= PACK_B_MIN_ROWS)
+
+
+# Two drivers rather than one with a flag: the models' forward passes only run the pre-packed one, and
+# alone it compiles in about half the time (the first run waits for it).
+@njit(cache=True, fastmath=True, parallel=True)
+def _gemm_tasks_packed(x, w_packed, bias, has_bias, out, epilogue, row_split, col_split, a_bufs):
+    """The workers' tasks on a pack_weight() weight."""
+    rows, depth = x.shape
+    cols = out.shape[1]
+    x_flat = x.reshape(-1)
+    out_flat = out.reshape(-1)
+    col_tasks = _cdiv(cols, col_split)
+    tasks = _cdiv(rows, row_split) * col_tasks
+    workers = a_bufs.shape[0]
+    for w in prange(workers):
+        for task in range(w, tasks, workers):
+            rt = task // col_tasks
+            ct = task - rt * col_tasks
+            r0 = rt * row_split
+            c0 = ct * col_split
+            r1 = min(r0 + row_split, rows)
+            # Many rows: row chunks of <= PANEL_OUTER_MAX_ROWS, each the panel-outer order (its A rows
+            # stay in L2 while every B panel passes through L1 once); the pre-packed weight is streamed
+            # once per chunk from L3 (ViT-B's largest is 9 MiB).  Chunks are whole micro-panels.
+            chunks = _cdiv(r1 - r0, PANEL_OUTER_MAX_ROWS)
+            chunk_rows = _cdiv(_cdiv(r1 - r0, chunks), MR) * MR
+            for q0 in range(r0, r1, chunk_rows):
+                _run_task_panel_outer(x_flat, w_packed, bias, has_bias, out_flat, depth, cols, epilogue,
+                                      q0, min(q0 + chunk_rows, r1), c0, min(c0 + col_split, cols), a_bufs[w])
 
 
 # The BLAS path's epilogues run serially on the calling thread on purpose: right after sgemm returns,
@@ -355,7 +368,7 @@ def gemm(x, w_t, bias, out, epilogue):
     a_bufs, b_bufs = _buffers(workers, a_size, b_size)
     has_bias = bias is not None
     _gemm_tasks(x, w_t.reshape(-1), bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
-                row_split, col_split, a_bufs, b_bufs, False)
+                row_split, col_split, a_bufs, b_bufs)
 
 
 def pack_weight(w_t):
@@ -453,7 +466,7 @@ def gemm_packed(x, packed, cols, bias, out, epilogue):
     workers = get_num_threads()
     row_split, col_split = plan(rows, cols, workers)
     a_size = _row_block(row_split) * min(KC, depth)
-    a_bufs, b_bufs = _buffers(workers, a_size, 1)
+    a_bufs, _ = _buffers(workers, a_size, 1)
     has_bias = bias is not None
-    _gemm_tasks(x, packed, bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
-                row_split, col_split, a_bufs, b_bufs, True)
+    _gemm_tasks_packed(x, packed, bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
+                       row_split, col_split, a_bufs)

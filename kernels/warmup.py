@@ -101,7 +101,7 @@ def _dispatchers(group):
         prepare = (qgemm._quantize_rows if group == "int8" else
                    qgemm._bf16_rows if qgemm.BF16_KIND == "dpbf16" else qgemm._copy_rows)
         return [qgemm._qgemm_tasks, prepare]
-    return {"gemm": [gemm._gemm_tasks, gemm._pack_panels, gemm._pack_panels_nk],
+    return {"gemm": [gemm._gemm_tasks_packed, gemm._pack_panels, gemm._pack_panels_nk],
             "attention": [mha._attention],
             "layernorm": [elementwise._layernorm_rows],
             "blas_epilogues": [gemm.apply_epilogue_inplace, gemm.add_product_inplace]}[group]
@@ -143,7 +143,7 @@ def cold_groups(groups=GROUPS) -> list[str]:
 
 
 # Rough share of a cold compile, to split the groups evenly between processes (measured on ViT kernels).
-_COST = {"gemm": 5.0, "attention": 3.5, "layernorm": 0.5, "blas_epilogues": 0.4, "int8": 5.0, "bf16": 5.0}
+_COST = {"gemm": 3.5, "attention": 3.5, "layernorm": 0.5, "blas_epilogues": 0.4, "int8": 5.0, "bf16": 5.0}
 
 
 def compile_groups(groups, processes=None, on_done=None) -> dict:

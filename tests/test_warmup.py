@@ -4,7 +4,9 @@ Every warm-up group is compiled into an empty Numba cache by `python -m vitnp.ke
 processes of a first run do. A new process must then find no group cold (else every later run would say it
 is compiling for the first time and start helper processes again), and classifying with every backend and
 precision must find each vitnp kernel in the cache (no cache miss: nothing left to compile on a user's
-first request).
+first request), but for the Numba GEMM on an unpacked (K, N) weight: only an auto layer that went BLAS for one
+batch size and Numba for another runs it, so it compiles when that happens (which on this tiny model's shapes
+it may).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import os
 import subprocess
 import sys
+
+ON_DEMAND = {f"vitnp.kernels.gemm.{name}" for name in ("_gemm_tasks", "_run_task", "_pack_b")}
 
 CHECK = r"""
 import gc, json, sys
@@ -46,4 +50,4 @@ def test_warmup_groups_cover_every_kernel_a_forward_pass_runs(tiny_vit, tmp_path
     assert checked.returncode == 0, checked.stderr
     result = json.loads(checked.stdout.strip().splitlines()[-1])
     assert result["cold"] == [], "a group stays cold after its warm-up: every run would compile 'for the first time'"
-    assert result["misses"] == {}, "kernels the warm-up groups do not compile"
+    assert set(result["misses"]) <= ON_DEMAND, "kernels the warm-up groups do not compile"
