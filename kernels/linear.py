@@ -1,4 +1,5 @@
 """Linear layer (x @ W^T + b) with a NumPy/BLAS backend, a Numba backend and per-shape auto selection."""
+import os
 import threading
 import time
 
@@ -12,7 +13,8 @@ from .elementwise import check_f32_contiguous, layernorm
 BACKENDS = ("auto", "numba", "blas")
 K_BY_N = "k_by_n"   # (K, N) C-contiguous: read by BLAS and (in place) by the Numba GEMM
 PANELS = "panels"   # gemm.pack_weight layout: Numba GEMM only
-AUTO_REPEATS = 5
+AUTO_ROUNDS = 2   # timed rounds per shape, some time apart: a decision is stored only if they agree
+AUTO_REPEATS = 3  # timed calls per backend and round
 _PACKABLE = (np.dtype(np.float32),)  # Numba has no float16 arithmetic: those go through a float32 transpose
 AUTO_SETTLE_SECONDS = 0.1  # > OpenBLAS's default worker spin (2**28 cycles): each block starts on idle cores
 
@@ -23,6 +25,44 @@ _auto_choice = {}
 _auto_timings = {}
 _auto_lock = threading.Lock()
 _local = threading.local()
+
+
+def settle(limit=AUTO_SETTLE_SECONDS):
+    """Wait until no other thread of this process is running (the Numba and OpenBLAS pools have stopped
+    spinning after their last call), or `limit` seconds, whichever comes first: a timed block then starts on
+    idle cores.  Where /proc/self/task cannot be read, or another thread keeps running, this is a plain
+    sleep of `limit`."""
+    deadline = time.perf_counter() + limit
+    me = str(threading.get_native_id())
+    while time.perf_counter() < deadline:
+        try:
+            running = False
+            for task in os.listdir("/proc/self/task"):
+                if task != me:
+                    with open(f"/proc/self/task/{task}/stat", "rb") as f:
+                        stat = f.read()
+                    if stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"R":
+                        running = True
+                        break
+        except (OSError, ValueError):
+            running = True
+        if not running:
+            return
+        time.sleep(0.001)
+
+
+def decide(rounds):
+    """Timed rounds [{backend: [seconds, ...]}, ...] -> (choice, {backend: best seconds}, consistent).
+
+    The choice is the backend with the fastest call over all rounds.  It is consistent when every round,
+    on its own, picks the same backend: another process that ran through one round's block (a preempted
+    thread stalls a whole Numba parallel region) makes the rounds disagree, and such a decision is used by
+    this process but not stored, so the next process times again instead of keeping a 2x slower backend.
+    """
+    best = {name: min(t for times in rounds for t in times[name]) for name in rounds[0]}
+    winners = {min(times, key=lambda name: min(times[name])) for times in rounds}
+    choice = "blas" if best["blas"] < best["numba"] else "numba"
+    return choice, best, len(winners) == 1
 
 
 class Linear:
@@ -103,8 +143,9 @@ class Linear:
         if stored is not None:
             _auto_choice[key], _auto_timings[key] = stored
             return stored[0]
-        choice = self._time_backends(key)
-        autotune_store.save(machine, key, choice, _auto_timings[key])
+        choice, consistent = self._time_backends(key)
+        if consistent:
+            autotune_store.save(machine, key, choice, _auto_timings[key])
         return choice
 
     def _time_backends(self, key):
@@ -116,8 +157,9 @@ class Linear:
         default, unless OPENBLAS_THREAD_TIMEOUT was set before numpy loaded), and a spinning pool takes
         cores from the kernels that follow.  So what a BLAS call costs in a forward pass includes the slowdown
         of the Numba kernels after it; the same-shape Numba GEMM after each candidate puts that in the
-        candidate's time.  Both are timed after one pause, numba's block first, so BLAS's after-effects never
-        land in numba's time.  The faster in context is chosen, on any CPU and ISA.
+        candidate's time.  In each of AUTO_ROUNDS rounds both are timed once the pools are idle, numba's first,
+        so BLAS's after-effects never land in numba's time.  The faster in context is chosen, on any CPU and
+        ISA; returns (choice, whether the rounds agreed: see decide).
         """
         rows = key[0]
         rng = np.random.default_rng(0)
@@ -126,7 +168,7 @@ class Linear:
         after = np.empty_like(out)
         weight_t = rng.standard_normal((self.in_features, self.out_features), dtype=np.float32)
         packed = (PANELS, _gemm.pack_weight(weight_t))
-        candidates = {"numba": packed, "blas": (K_BY_N, weight_t)}  # this order: see the pause below
+        candidates = {"numba": packed, "blas": (K_BY_N, weight_t)}  # this order: see settle() below
         normed = np.empty_like(x)
         gamma, beta = np.ones(self.in_features, np.float32), np.zeros(self.in_features, np.float32)
 
@@ -137,23 +179,26 @@ class Linear:
 
         for name, weight in candidates.items():
             in_context(name, weight)  # compile / warm up
-        # Start on idle cores: the warm-up above, or the caller's own BLAS calls, may still have a pool spinning.
-        # One pause serves both blocks: numba's comes first and makes no BLAS call, so the BLAS block too starts
-        # with OpenBLAS's pool idle; Numba's pool spins only a few milliseconds, and every BLAS repetition
-        # follows Numba kernels anyway (the same-shape GEMM that closes the one before), as in a forward pass.
-        time.sleep(AUTO_SETTLE_SECONDS)
-        times = {}
-        for name, weight in candidates.items():  # numba, then blas
-            times[name] = []
-            for _ in range(AUTO_REPEATS):
-                start = time.perf_counter()
-                in_context(name, weight)
-                times[name].append(time.perf_counter() - start)
-        best = {name: min(t) for name, t in times.items()}
-        choice = "blas" if best["blas"] < best["numba"] else "numba"
+        rounds = []
+        for _ in range(AUTO_ROUNDS):
+            # Start on idle cores: the warm-up, the last round, or the caller's own BLAS calls may still have
+            # a pool spinning (settle waits for it).  Once per round serves both blocks: numba's comes first and
+            # makes no BLAS call, so the BLAS block too starts with OpenBLAS's pool idle; Numba's pool spins
+            # only a few milliseconds, and every BLAS repetition follows Numba kernels anyway (the same-shape
+            # GEMM that closes the one before), as in a forward pass.
+            settle()
+            times = {}
+            for name, weight in candidates.items():  # numba, then blas
+                times[name] = []
+                for _ in range(AUTO_REPEATS):
+                    start = time.perf_counter()
+                    in_context(name, weight)
+                    times[name].append(time.perf_counter() - start)
+            rounds.append(times)
+        choice, best, consistent = decide(rounds)
         _auto_timings[key] = best
         _auto_choice[key] = choice
-        return choice
+        return choice, consistent
 
     # -- compute ---------------------------------------------------------------------------------
     def __call__(self, x, out, epilogue="none"):
