@@ -13,7 +13,7 @@ from .elementwise import check_f32_contiguous, layernorm
 BACKENDS = ("auto", "numba", "blas")
 K_BY_N = "k_by_n"   # (K, N) C-contiguous: read by BLAS and (in place) by the Numba GEMM
 PANELS = "panels"   # gemm.pack_weight layout: Numba GEMM only
-AUTO_ROUNDS = 2   # timed rounds per shape, some time apart: a decision is stored only if they agree
+AUTO_ROUNDS = 2   # timed rounds per shape, one after the other: a decision is stored only if they agree
 AUTO_REPEATS = 3  # timed calls per backend and round
 _PACKABLE = (np.dtype(np.float32),)  # Numba has no float16 arithmetic: those go through a float32 transpose
 AUTO_SETTLE_SECONDS = 0.1  # > OpenBLAS's default worker spin (2**28 cycles): each block starts on idle cores
