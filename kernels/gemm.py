@@ -230,6 +230,22 @@ def _run_task_panel_outer(x_flat, w_packed, bias, has_bias, out_flat, depth, col
             _finish_tile(out_flat, cols_total, row, min(MR, r1 - row), c0, c1 - c0, bias, has_bias, epilogue)
 
 
+@njit(cache=True, inline="always")
+def _task_count(rows, cols, row_split, col_split):
+    """Tasks in the grid of row_split x col_split output blocks that both parallel drivers hand out."""
+    return _cdiv(rows, row_split) * _cdiv(cols, col_split)
+
+
+@njit(cache=True, inline="always")
+def _task_bounds(task, rows, cols, row_split, col_split):
+    """(r0, r1, c0, c1): the output block of grid task `task`, row-major over the grid."""
+    col_tasks = _cdiv(cols, col_split)
+    rt = task // col_tasks
+    r0 = rt * row_split
+    c0 = (task - rt * col_tasks) * col_split
+    return r0, min(r0 + row_split, rows), c0, min(c0 + col_split, cols)
+
+
 @njit(cache=True, fastmath=True, parallel=True)
 def _gemm_tasks(x, w_t_flat, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, b_bufs):
     """The workers' tasks on a (K, N) weight read in place (B packed per task when enough rows reuse it)."""
@@ -237,18 +253,13 @@ def _gemm_tasks(x, w_t_flat, bias, has_bias, out, epilogue, row_split, col_split
     cols = out.shape[1]
     x_flat = x.reshape(-1)
     out_flat = out.reshape(-1)
-    col_tasks = _cdiv(cols, col_split)
-    tasks = _cdiv(rows, row_split) * col_tasks
+    tasks = _task_count(rows, cols, row_split, col_split)
     workers = a_bufs.shape[0]
     for w in prange(workers):
         for task in range(w, tasks, workers):
-            rt = task // col_tasks
-            ct = task - rt * col_tasks
-            r0 = rt * row_split
-            c0 = ct * col_split
-            r1 = min(r0 + row_split, rows)
+            r0, r1, c0, c1 = _task_bounds(task, rows, cols, row_split, col_split)
             _run_task(x_flat, w_t_flat, bias, has_bias, out_flat, rows, depth, cols, epilogue,
-                      r0, r1, c0, min(c0 + col_split, cols), a_bufs[w], b_bufs[w], r1 - r0 >= PACK_B_MIN_ROWS)
+                      r0, r1, c0, c1, a_bufs[w], b_bufs[w], r1 - r0 >= PACK_B_MIN_ROWS)
 
 
 # Two drivers rather than one with a flag: the models' forward passes only run the pre-packed one, and
@@ -260,16 +271,11 @@ def _gemm_tasks_packed(x, w_packed, bias, has_bias, out, epilogue, row_split, co
     cols = out.shape[1]
     x_flat = x.reshape(-1)
     out_flat = out.reshape(-1)
-    col_tasks = _cdiv(cols, col_split)
-    tasks = _cdiv(rows, row_split) * col_tasks
+    tasks = _task_count(rows, cols, row_split, col_split)
     workers = a_bufs.shape[0]
     for w in prange(workers):
         for task in range(w, tasks, workers):
-            rt = task // col_tasks
-            ct = task - rt * col_tasks
-            r0 = rt * row_split
-            c0 = ct * col_split
-            r1 = min(r0 + row_split, rows)
+            r0, r1, c0, c1 = _task_bounds(task, rows, cols, row_split, col_split)
             # Many rows: row chunks of <= PANEL_OUTER_MAX_ROWS, each the panel-outer order (its A rows
             # stay in L2 while every B panel passes through L1 once); the pre-packed weight is streamed
             # once per chunk from L3 (ViT-B's largest is 9 MiB).  Chunks are whole micro-panels.
@@ -277,7 +283,7 @@ def _gemm_tasks_packed(x, w_packed, bias, has_bias, out, epilogue, row_split, co
             chunk_rows = _cdiv(_cdiv(r1 - r0, chunks), MR) * MR
             for q0 in range(r0, r1, chunk_rows):
                 _run_task_panel_outer(x_flat, w_packed, bias, has_bias, out_flat, depth, cols, epilogue,
-                                      q0, min(q0 + chunk_rows, r1), c0, min(c0 + col_split, cols), a_bufs[w])
+                                      q0, min(q0 + chunk_rows, r1), c0, c1, a_bufs[w])
 
 
 # The BLAS path's epilogues run serially on the calling thread on purpose: right after sgemm returns,

@@ -40,6 +40,7 @@ from . import isa
 from ._aligned import aligned_empty
 from ._microkernel import store_ragged
 from .elementwise import gelu_inplace_serial
+from .gemm import _task_bounds, _task_count
 
 MR = isa.SPEC.gemm_mr
 NR = isa.SPEC.gemm_nr
@@ -367,8 +368,7 @@ def _qgemm_tasks(a, lda, groups, b, group, c, rows_total, cols_total, rscale, rz
     Per task: column panels outer (one B panel stays in L1/L2), row panels inner (the task's rows of A,
     at most A_BLOCK_BYTES, stay in L2); GELU on the task's block right after."""
     c_flat = c.reshape(-1)
-    col_tasks = _cdiv(cols_total, task_cols)
-    tasks = _cdiv(rows_total, task_rows) * col_tasks
+    tasks = _task_count(rows_total, cols_total, task_rows, task_cols)
     add = epilogue == 2
     panel = groups * NR * group
     for w in prange(workers):
@@ -376,12 +376,7 @@ def _qgemm_tasks(a, lda, groups, b, group, c, rows_total, cols_total, rscale, rz
             task = _fetch_add(counter, 1)
             if task >= tasks:
                 break
-            rt = task // col_tasks
-            ct = task - rt * col_tasks
-            r0 = rt * task_rows
-            c0 = ct * task_cols
-            r1 = min(r0 + task_rows, rows_total)
-            c1 = min(c0 + task_cols, cols_total)
+            r0, r1, c0, c1 = _task_bounds(task, rows_total, cols_total, task_rows, task_cols)
             for col in range(c0, c1, NR):
                 cols = min(NR, c1 - col)
                 b_off = (col // NR) * panel
