@@ -19,9 +19,17 @@ def test_auto_decision_is_stored_and_reused(tmp_path, monkeypatch):
     expected = x @ weight.T
 
     out = np.empty((rows, n), np.float32)
-    Linear(weight, backend="auto")(x, out)
-    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
-    stored = json.loads((tmp_path / "gemm-auto.json").read_text())
+    store = tmp_path / "gemm-auto.json"
+    for _ in range(5):
+        Linear(weight, backend="auto")(x, out)
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+        if store.exists():
+            break
+        # The two timed rounds disagreed (another process ran through one of them, as it did once in a CI
+        # run): by design that decision is used but not stored.  Forget it and time again.
+        monkeypatch.delitem(linear_module._auto_choice, (rows, k, n))
+    assert store.exists(), f"no timing of {rows}x{k}x{n} stored in 5 tries: {linear_module._auto_timings}"
+    stored = json.loads(store.read_text())
     (machine, shapes), = stored.items()
     assert "threads=" in machine and f"isa={isa.ISA}|" in machine
     timed = shapes[f"{rows}x{k}x{n}"]
