@@ -241,7 +241,9 @@ def main(argv=None):
         print("LayerNorm / GELU / softmax:")
         results["elementwise"] = bench_elementwise(args.batches, args.reps, kernels)
     results["erf_max_error"] = kernels.erf_max_error()
-    print(f"erf max abs error vs math.erf: {results['erf_max_error']:.3g}")
+    results["gelu_max_error"] = kernels.gelu_max_error()
+    print(f"erf max abs error vs math.erf: {results['erf_max_error']:.3g}; GELU max error vs math.erfc "
+          f"(scaled by max(1, |x|)): {results['gelu_max_error']:.3g}")
     results["loadavg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

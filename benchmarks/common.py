@@ -45,9 +45,8 @@ def clean_env(extra: dict | None = None) -> dict:
 
 # Running as a CPU of a narrower ISA would run it: vitnp's kernels generated for that CPU class (VITNP_ISA),
 # OpenBLAS on its kernel for such a CPU, PyTorch's ATen, MKL and oneDNN kernels capped at that ISA.  ONNX Runtime picks its
-# kernels from CPUID at run time and has no switch, so it keeps running the host's widest kernels: on an
-# AVX-512 host, an --isa avx2 run compares vitnp's AVX2 build with ORT's AVX-512 one (harder than on a real
-# AVX2 CPU).
+# kernels from CPUID at run time and has no switch; for avx2 the child imports a copy of it whose AVX-512 branch
+# is patched out (ort_isa.py), and for generic it keeps the host's widest kernels.
 ISA_EMULATION = {
     "avx2": {"VITNP_ISA": "avx2", "OPENBLAS_CORETYPE": "Haswell", "ATEN_CPU_CAPABILITY": "avx2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
@@ -55,13 +54,18 @@ ISA_EMULATION = {
                 "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"},
 }
 ISA_MARKER = "VITNP_BENCH_EMULATED_ISA"
-NOT_EMULATED = ("onnxruntime",)
+ORT_LIMITED = ("avx2",)  # ISAs ort_isa.py can limit ONNX Runtime to
+
+
+def not_emulated(isa: str) -> list[str]:
+    return [] if isa in ORT_LIMITED else ["onnxruntime"]
 
 
 def add_isa_argument(parser) -> None:
     parser.add_argument("--isa", choices=("native", *ISA_EMULATION), default="native",
                         help="run as a CPU of this ISA would: vitnp's kernels for it (VITNP_ISA), OpenBLAS and "
-                             "PyTorch limited to it (ONNX Runtime cannot be; default: native)")
+                             "PyTorch limited to it, ONNX Runtime too for avx2 (a patched copy, ort_isa.py; "
+                             "default: native)")
 
 
 def reexec_without_blas_overrides(no_reexec: bool, isa: str = "native") -> None:
@@ -80,10 +84,20 @@ def reexec_without_blas_overrides(no_reexec: bool, isa: str = "native") -> None:
         print(f"[bench] re-executing without {', '.join(present)} (use --no-reexec to keep them)", flush=True)
     extra = {REEXEC_MARKER: ",".join(f"{v}={os.environ[v]}" for v in present)}
     if emulation:
-        print(f"[bench] running as an {isa} CPU would: {' '.join(f'{k}={v}' for k, v in emulation.items())} "
-              f"(not possible for: {', '.join(NOT_EMULATED)})", flush=True)
+        skipped = not_emulated(isa)
+        print(f"[bench] running as an {isa} CPU would: {' '.join(f'{k}={v}' for k, v in emulation.items())}"
+              + (f" (not possible for: {', '.join(skipped)})" if skipped else ""), flush=True)
         extra.update(emulation)
         extra[ISA_MARKER] = isa
+        if isa in ORT_LIMITED and _version("onnxruntime"):
+            import ort_isa
+
+            try:
+                copy = ort_isa.avx2_copy(default_cache_dir())
+            except ort_isa.OrtPatchError as exc:
+                sys.exit(f"error: {exc}")
+            print(f"[bench] ONNX Runtime limited to AVX2: {copy}", flush=True)
+            extra["PYTHONPATH"] = os.pathsep.join(filter(None, [str(copy), os.environ.get("PYTHONPATH")]))
     env = clean_env(extra) if present else {**os.environ, **extra}
     status = subprocess.call([sys.executable, *sys.argv], env=env)
     sys.exit(status)
@@ -114,8 +128,23 @@ def isa_info() -> dict:
             "emulated_isa": os.environ.get(ISA_MARKER)}
     if info["emulated_isa"]:
         info["emulation_env"] = ISA_EMULATION[info["emulated_isa"]]
-        info["not_emulated"] = list(NOT_EMULATED)
+        info["not_emulated"] = not_emulated(info["emulated_isa"])
+    info["onnxruntime_mlas"] = onnxruntime_mlas()
     return info
+
+
+def onnxruntime_mlas() -> dict | None:
+    """Which onnxruntime this process's children import and how wide its MLAS kernels are (None without ORT)."""
+    if not _version("onnxruntime"):
+        return None
+    import ort_isa
+
+    try:
+        lanes, package = ort_isa.mlas_vector_width()
+    except (ort_isa.OrtPatchError, OSError, subprocess.SubprocessError) as exc:
+        return {"error": str(exc)}
+    return {"package": package, "float_lanes": lanes,
+            "isa": {16: "avx512", 8: "avx2 or avx"}.get(lanes, "sse or other")}
 
 
 # -- machine ---------------------------------------------------------------------------------------------------
@@ -207,7 +236,12 @@ def print_machine(info: dict) -> None:
     print(f"ISA: vitnp kernels {k['isa']} (GEMM tile {k['gemm_tile']}, code for {k['codegen_cpu']}); host "
           f"{k['host_cpu']} widest {k['host_isa']}; flags {' '.join(info['cpu_flags'])}")
     if info["emulated_isa"]:
-        print(f"running as an {info['emulated_isa']} CPU would, except: {', '.join(info['not_emulated'])}")
+        print(f"running as an {info['emulated_isa']} CPU would"
+              + (f", except: {', '.join(info['not_emulated'])}" if info["not_emulated"] else ""))
+    ort = info.get("onnxruntime_mlas")
+    if ort:
+        print(f"ONNX Runtime: {ort.get('package')}, MLAS kernels {ort.get('isa')} ({ort.get('float_lanes')} float "
+              f"lanes)" if "error" not in ort else f"ONNX Runtime: kernel width unknown ({ort['error']})")
     print("versions: python " + info["python"] + ", " + ", ".join(f"{k} {val}" for k, val in v.items()))
     src = info["vitnp_source"]
     if "commit" in src:

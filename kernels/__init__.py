@@ -5,9 +5,9 @@ Nothing here knows about Vision Transformers.  Every Numba function compiles laz
 """
 from . import isa  # first: a forced ISA must re-target Numba before anything compiles
 from .mha import attention
-from .elementwise import erf, erf_max_error, exp, gelu_erf, layernorm, softmax_rows
+from .elementwise import erf, erf_max_error, exp, gelu_erf, gelu_max_error, layernorm, softmax_rows
 from .linear import Linear
 from .threads import get_num_threads, set_num_threads
 
-__all__ = ["isa", "attention", "erf", "erf_max_error", "exp", "gelu_erf", "layernorm", "softmax_rows", "Linear",
+__all__ = ["isa", "attention", "erf", "erf_max_error", "exp", "gelu_erf", "gelu_max_error", "layernorm", "softmax_rows", "Linear",
            "get_num_threads", "set_num_threads"]

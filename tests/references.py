@@ -7,8 +7,9 @@ import numpy as np
 
 def gelu_reference(x):
     x = np.asarray(x, np.float64)
-    erf = np.vectorize(math.erf, otypes=[np.float64])
-    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+    # erfc(-z) = 1 + erf(z), without 1 + erf's cancellation in the negative tail.
+    erfc = np.vectorize(math.erfc, otypes=[np.float64])
+    return 0.5 * x * erfc(-x / math.sqrt(2.0))
 
 
 def attention_reference(qkv, num_heads):
