@@ -25,8 +25,10 @@ MR = SPEC.attn_key_rows     # keys per micro-tile of S^T       (AVX-512: 12, AVX
 QB = SPEC.attn_query_block  # queries per block = tile width   (AVX-512: 32, AVX2: 16)
 OR = SPEC.attn_out_rows     # queries per micro-tile of O       (AVX-512: 8, AVX2: 6)
 PREFETCH_ROWS = 8  # qkv rows are 3*D floats apart (a new page each): fetch ahead of the strided walk
+OR_LAST = QB % OR or OR     # rows of the last O micro-tile of a full block (AVX2: 16 = 6 + 6 + 4)
 _micro_scores = make_microkernel(MR, QB, SPEC.lanes)
 _micro_out = make_microkernel(OR, QB, SPEC.lanes)
+_micro_out_last = make_microkernel(OR_LAST, QB, SPEC.lanes)
 _softmax_columns = make_column_softmax(QB, SPEC.lanes)
 
 
@@ -71,7 +73,8 @@ def _pack_queries_transposed(qkv_flat, start, ld, queries, head_dim, q_t):
 
 
 @njit(cache=True, fastmath=True)
-def _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels, scores_t, q_t, v_pad):
+def _attend_one_head(qkv_flat, out_flat, b, h, seq, queries_out, width, head_dim, k_panels, scores_t, q_t,
+                     v_pad):
     ld = 3 * width
     batch_row0 = b * seq * ld
     head_col = h * head_dim
@@ -91,9 +94,9 @@ def _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels, s
             for d in range(head_dim, hd_pad):
                 v_pad[j * hd_pad + d] = 0.0
         v_src, v_off, v_ld = v_pad, 0, hd_pad
-    out_row0 = b * seq * width
-    for q0 in range(0, seq, QB):
-        queries = min(QB, seq - q0)
+    out_row0 = b * queries_out * width
+    for q0 in range(0, queries_out, QB):
+        queries = min(QB, queries_out - q0)
         _pack_queries_transposed(qkv_flat, batch_row0 + q0 * ld + head_col, ld, queries, head_dim, q_t)
         for kp in range(key_panels):
             _micro_scores(k_panels, kp * head_dim * MR, 1, MR, q_t, 0, QB, scores_t, kp * MR * QB, QB,
@@ -104,13 +107,18 @@ def _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels, s
             for dp in range(hd_pad // QB):
                 out_off = out_row0 + (q0 + r0) * width + head_col + dp * QB
                 cols = min(QB, head_dim - dp * QB)
-                _micro_out(scores_t, r0, 1, QB, v_src, v_off + dp * QB, v_ld, out_flat, out_off, width,
-                           seq, False, rows, cols)
+                if rows <= OR_LAST:  # the micro-kernel computes all its rows: use the shorter one
+                    _micro_out_last(scores_t, r0, 1, QB, v_src, v_off + dp * QB, v_ld, out_flat, out_off,
+                                    width, seq, False, rows, cols)
+                else:
+                    _micro_out(scores_t, r0, 1, QB, v_src, v_off + dp * QB, v_ld, out_flat, out_off, width,
+                               seq, False, rows, cols)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
 def _attention(qkv, out, num_heads, k_panels, scores_t, q_t, v_pad):
     batch, seq, width3 = qkv.shape
+    queries_out = out.shape[1]
     width = width3 // 3
     head_dim = width // num_heads
     qkv_flat = qkv.reshape(-1)
@@ -122,12 +130,14 @@ def _attention(qkv, out, num_heads, k_panels, scores_t, q_t, v_pad):
         for task in range(w, tasks, workers):
             b = task // num_heads
             h = task - b * num_heads
-            _attend_one_head(qkv_flat, out_flat, b, h, seq, width, head_dim, k_panels[w], scores_t[w],
-                             q_t[w], v_pad[w])
+            _attend_one_head(qkv_flat, out_flat, b, h, seq, queries_out, width, head_dim, k_panels[w],
+                             scores_t[w], q_t[w], v_pad[w])
 
 
 def attention(qkv, out, num_heads):
-    """out (B,T,D) = concat_h softmax(q_h k_h^T / sqrt(hd)) v_h for qkv (B,T,3D) = [q | k | v]."""
+    """out (B,Tq,D) = concat_h softmax(q_h k_h^T / sqrt(hd)) v_h for qkv (B,T,3D) = [q | k | v], over all T
+    keys and the first Tq <= T queries of each sequence (Tq = T normally; fewer when only the leading
+    tokens' outputs are needed, as in a ViT's last layer)."""
     check_f32_contiguous(qkv, "qkv")
     check_f32_contiguous(out, "out")
     if qkv.ndim != 3 or qkv.shape[2] % 3:
@@ -136,9 +146,10 @@ def attention(qkv, out, num_heads):
     width = width3 // 3
     if num_heads < 1 or width % num_heads:
         raise ValueError(f"attention: width {width} not divisible by num_heads {num_heads}")
-    if out.shape != (batch, seq, width):
-        raise ValueError(f"attention: out must be {(batch, seq, width)}, got {out.shape}")
-    if seq == 0 or batch == 0:
+    if out.ndim != 3 or out.shape[0] != batch or not 0 <= out.shape[1] <= seq or out.shape[2] != width:
+        raise ValueError(f"attention: out must be {(batch, seq, width)} (or fewer queries than {seq}), "
+                         f"got {out.shape}")
+    if seq == 0 or batch == 0 or out.shape[1] == 0:
         return out
     head_dim = width // num_heads
     workers = max(1, min(get_num_threads(), batch * num_heads))

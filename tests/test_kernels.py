@@ -186,6 +186,17 @@ def test_attention(batch, seq, width, heads, threads):
     np.testing.assert_allclose(out, attention_reference(qkv, heads), rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("queries", [0, 1, 2, 17, 196])
+def test_attention_first_queries_only(queries, threads):
+    # out (B, Tq, D): the first Tq query rows of each sequence against all T keys, and nothing past out.
+    qkv = (rng().standard_normal((3, 197, 3 * 96)) * 2).astype(np.float32)
+    buffer = np.full(3 * queries * 96 + 96, np.nan, np.float32)
+    out = buffer[: 3 * queries * 96].reshape(3, queries, 96)
+    kernels.attention(qkv, out, 12)
+    np.testing.assert_allclose(out, attention_reference(qkv, 12)[:, :queries], rtol=1e-5, atol=2e-5)
+    assert np.isnan(buffer[3 * queries * 96:]).all()
+
+
 def test_attention_reuses_scratch_across_shapes():
     r = rng()
     for seq in (197, 5, 198):

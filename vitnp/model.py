@@ -31,7 +31,13 @@ class Workspace:
         self.qkv = np.empty((rows, 3 * D), np.float32)
         self.context = np.empty((rows, D), np.float32)      # attention output, heads concatenated
         self.mlp = np.empty((rows, c.intermediate_size), np.float32)
-        self.pooled = np.empty((c.num_prefix_tokens * batch, D), np.float32)
+        # The last layer past its attention: the prefix tokens' rows only, image-major (B, prefix, .)
+        prefix = c.num_prefix_tokens * batch
+        self.prefix_hidden = np.empty((prefix, D), np.float32)
+        self.prefix_normed = np.empty((prefix, D), np.float32)
+        self.prefix_context = np.empty((prefix, D), np.float32)
+        self.prefix_mlp = np.empty((prefix, c.intermediate_size), np.float32)
+        self.pooled = np.empty((prefix, D), np.float32)
         self.head_out = np.empty((batch, c.num_labels), np.float32)
         self.capacity = batch
 
@@ -63,18 +69,28 @@ def forward(w: ViTWeights, cfg: ViTConfig, pixel_values: np.ndarray, ws: Workspa
     np.add(projected.reshape(B, P, D), w.patch_pos_embed, out=tokens[:, npre:])
     tokens[:, :npre] = w.prefix_tokens
 
-    for layer in w.layers:
+    last = len(w.layers) - 1
+    for index, layer in enumerate(w.layers):
         layernorm(hidden, layer.ln1_weight, layer.ln1_bias, eps, normed)
         layer.qkv(normed, qkv)
-        attention(qkv.reshape(B, T, 3 * D), context.reshape(B, T, D), cfg.num_attention_heads)
+        if index == last:
+            # Only the prefix tokens' outputs reach the heads.  Their attention still reads every token's
+            # keys and values, but from here on every op is per token: run it on those B * npre rows
+            # alone (the same logits; 6% of ViT-B's work skipped).
+            n = B * npre
+            hidden, normed = ws.prefix_hidden[:n], ws.prefix_normed[:n]
+            context, mlp = ws.prefix_context[:n], ws.prefix_mlp[:n]
+            hidden.reshape(B, npre, D)[...] = tokens[:, :npre]
+        queries = hidden.shape[0] // B
+        attention(qkv.reshape(B, T, 3 * D), context.reshape(B, queries, D), cfg.num_attention_heads)
         layer.attn_out(context, hidden, epilogue="add")
         layernorm(hidden, layer.ln2_weight, layer.ln2_bias, eps, normed)
         layer.fc1(normed, mlp, epilogue="gelu")
         layer.fc2(mlp, hidden, epilogue="add")
 
-    # Only the prefix tokens feed the heads, and layernorm is per token: normalise just those rows.
+    # The heads take the prefix tokens, one kind at a time; layernorm is per token: normalise just those.
     pooled = ws.pooled[: npre * B]
-    pooled.reshape(npre, B, D)[...] = tokens[:, :npre].transpose(1, 0, 2)
+    pooled.reshape(npre, B, D)[...] = hidden.reshape(B, -1, D)[:, :npre].transpose(1, 0, 2)
     layernorm(pooled, w.final_ln_weight, w.final_ln_bias, eps, pooled)
     pooled = pooled.reshape(npre, B, D)
     head_out = ws.head_out[:B]
