@@ -156,3 +156,65 @@ def test_bench_ray_smoke(tiny_vit, tmp_path):
         assert len(set(m["pids"])) == int(n) and all(p["pss_kib"] > 10_000 for p in m["per_actor"])
     assert memory["weights_mib"] > 0 and data["targets"]["pss_4_vs_1_actors"]["ratio"] is None
     assert data["machine"]["versions"]["ray"]
+
+
+# -- ONNX Runtime limited to AVX2 (benchmarks/ort_isa.py) ------------------------------------------------------
+
+_ORT_MATMUL = r"""
+import sys, numpy as np, onnxruntime as ort
+from onnx import helper, numpy_helper, TensorProto
+rng = np.random.default_rng(0)
+w = rng.standard_normal((768, 3072)).astype(np.float32)
+x = rng.standard_normal((197, 768)).astype(np.float32)
+graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [197, 768])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [197, 3072])], [numpy_helper.from_array(w, "w")])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+np.save(sys.argv[1], session.run(None, {"x": x})[0])
+print(ort.__file__)
+"""
+
+
+def _ort_matmul(path_entry, out: Path) -> tuple[np.ndarray, str]:
+    env = dict(os.environ)
+    if path_entry is not None:
+        env["PYTHONPATH"] = str(path_entry)
+    proc = subprocess.run([sys.executable, "-c", _ORT_MATMUL, str(out)], env=env, capture_output=True, text=True,
+                          timeout=300, check=True)
+    return np.load(out), proc.stdout.strip()
+
+
+def test_ort_avx2_copy_runs_avx2_kernels_with_the_same_results(tmp_path):
+    import ort_isa
+    from vitnp.kernels import isa
+
+    copy = ort_isa.avx2_copy(tmp_path)
+    assert ort_isa.avx2_copy(tmp_path) == copy  # built once, then reused
+    lanes, package = ort_isa.mlas_vector_width(copy)
+    assert Path(package).resolve() == (copy / "onnxruntime").resolve()
+    assert lanes == 8
+    # The installed library, untouched, still picks the host's widest kernels.
+    host_lanes, host_package = ort_isa.mlas_vector_width()
+    assert Path(host_package).resolve() == ort_isa.installed_package().resolve()
+    assert host_lanes == (16 if isa.host_isa() == "avx512" else 8)
+    capped, capped_from = _ort_matmul(copy, tmp_path / "capped.npy")
+    native, native_from = _ort_matmul(None, tmp_path / "native.npy")
+    assert capped_from != native_from
+    np.testing.assert_allclose(capped, native, rtol=1e-4, atol=1e-3)  # sums of 768 products, other order
+
+
+def test_ort_patch_changes_exactly_one_jump():
+    import ort_isa
+
+    site = b"\x41\xf7\xc2\x00\x00\x01\x00\x74\x0e\x4c\x89\xc0\x48\xf7\xd0\xa8\xe0\x0f\x84\x54\x01\x00\x00"
+    data = bytearray(b"\x90" * 64 + site + b"\x90" * 64)
+    assert ort_isa.patch_avx512_branch(data) == 64 + 7
+    assert data[64 + 7] == 0xEB and data.count(0xEB) == 1
+    near = bytearray(site.replace(b"\x74\x0e", b"\x0f\x84\x10\x00\x00\x00"))
+    assert ort_isa.patch_avx512_branch(near) == 7
+    assert near[7:13] == b"\x90\xe9\x10\x00\x00\x00"  # nop; jmp rel32 ending where je did
+    with pytest.raises(ort_isa.OrtPatchError, match="0 times"):
+        ort_isa.patch_avx512_branch(bytearray(b"\x90" * 100))
+    with pytest.raises(ort_isa.OrtPatchError, match="2 times"):
+        ort_isa.patch_avx512_branch(bytearray(site + b"\x90" * 8 + site))
