@@ -22,8 +22,9 @@ Systems, all in this one process and all given the same number of threads (--thr
 
 Method: for each batch size every system is called once (the first-call time is recorded: for vitnp it includes
 loading the Numba cache, or compiling when the cache is cold) and warmed up, then the timed repetitions run
-round-robin (rep r calls every system once, in an order rotated by r), with a 100 ms pause before each call so one
-system's spinning thread pool (OpenBLAS workers spin ~60 ms after a call) does not eat into the next one's time.  Reported: median ms per call and per image,
+round-robin (rep r calls every system once, in an order rotated by r), with a 100 ms pause before each call and then
+a wait (at most 1 s) until no other thread of the process is running, so one system's spinning thread pool (OpenBLAS
+workers spin ~100 ms after a call on a 2.6 GHz TSC) does not eat into the next one's time.  Reported: median ms per call and per image,
 GFLOP/s (ViT-B/16 forward = 35.1 GFLOP/img, see common.vit_forward_flops), latency relative to ONNX Runtime and
 speed-up over PyTorch eager, the largest logit difference from PyTorch, and PASS/FAIL lines for the targets
 (vitnp <= 0.9x ONNX Runtime latency at batch 1 and 8; >= 2.3x faster than PyTorch eager).  JIT compile time is
@@ -55,6 +56,7 @@ TARGET_INT8_VS_ORT_INT8 = 0.9  # vitnp int8 latency / ORT int8 latency, at most
 TARGET_INT8_VS_ORT = 0.5       # vitnp int8 latency / ORT fp32 latency, at most
 TARGET_ORT_RATIO = 0.9       # vitnp latency / ONNX Runtime latency, at most (on every ISA)
 TARGET_TORCH_SPEEDUP = 2.3   # PyTorch eager latency / vitnp latency, at least
+SETTLE_LIMIT_S = 1.0         # after the pause, wait at most this long for the process's other threads to idle
 
 
 # -- systems ---------------------------------------------------------------------------------------------------
@@ -334,11 +336,16 @@ def run(args) -> dict:
                 print(f"  {system.name} failed: {missing[system.name]}", flush=True)
                 systems.remove(system)
         reference = outputs.get("torch")
+        from vitnp.kernels.linear import settle  # here, not at the top: vitnp's pool settings stay as set up
+
         times = {s.name: [] for s in systems}
         for rep in range(args.reps):
             shift = rep % max(1, len(systems))
             for system in systems[shift:] + systems[:shift]:
                 time.sleep(args.settle_ms / 1e3)
+                # OpenBLAS's workers spin 2^28 TSC ticks after a call (~100 ms on a 2.6 GHz TSC) unless vitnp set
+                # OPENBLAS_THREAD_TIMEOUT before numpy loaded; whatever ran last, start on idle cores.
+                settle(limit=SETTLE_LIMIT_S)
                 elapsed, _ = timed_call(system, x)
                 times[system.name].append(elapsed)
         flops = common.vit_forward_flops(config, batch)

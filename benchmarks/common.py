@@ -45,8 +45,8 @@ def clean_env(extra: dict | None = None) -> dict:
 
 # Running as a CPU of a narrower ISA would run it: vitnp's kernels generated for that CPU class (VITNP_ISA),
 # OpenBLAS on its kernel for such a CPU, PyTorch's ATen, MKL and oneDNN kernels capped at that ISA.  ONNX Runtime picks its
-# kernels from CPUID at run time and has no switch; for avx2 the child imports a copy of it whose AVX-512 branch
-# is patched out (ort_isa.py), and for generic it keeps the host's widest kernels.
+# kernels from CPUID at run time and has no switch; for avx2 the child imports a copy of it whose AVX-512 and
+# AVX-VNNI branches are patched out (ort_isa.py), and for generic it keeps the host's widest kernels.
 ISA_EMULATION = {
     "avx2": {"VITNP_ISA": "avx2", "OPENBLAS_CORETYPE": "Haswell", "ATEN_CPU_CAPABILITY": "avx2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},

@@ -4,14 +4,18 @@ ONNX Runtime's kernel library (MLAS) picks its kernels once, from the CPUID inst
 (`MLAS_PLATFORM::MLAS_PLATFORM` in onnxruntime/core/mlas/lib/platform.cpp), and reads no environment variable.
 The Linux kernel can hide CPUID bits from a process only through CPUID faulting, which virtual machines such as
 ours lack (`arch_prctl(ARCH_SET_CPUID, 0)` fails with ENODEV).  So this module copies the installed onnxruntime
-package into the benchmark cache and changes one instruction in the copy's Python extension: the conditional
-jump that skips MLAS's AVX-512 set-up when CPUID.(EAX=7):EBX bit 16 (AVX512F) is clear becomes unconditional.
-MLAS then keeps the AVX2/FMA3 kernels it chose just before, exactly as on a CPU without AVX-512.  The installed
-package is never touched.
+package into the benchmark cache and changes two instructions in the copy's Python extension, the conditional
+jumps that skip MLAS's set-up of
+  * its AVX-512 kernels when CPUID.(EAX=7):EBX bit 16 (AVX512F) is clear, and
+  * its AVX-VNNI int8 kernels (256-bit VNNI, which Zen 5 and Alder Lake have and AVX2 CPUs such as Zen 3
+    and Skylake lack) when CPUID.(EAX=7,ECX=1):EAX bit 4 is clear;
+both become unconditional.  MLAS then keeps the AVX2/FMA3 kernels it chose just before, exactly as on an AVX2 CPU.
+The installed package is never touched.
 
-The jump is found by its instruction bytes: `test $0x10000, <reg>; je <skip>` followed within a few bytes by
-`test $0xe0, %al` (the XCR0 check that the OS saves AVX-512 state).  A build where that sequence is not found
-exactly once is refused with a message rather than guessed at.
+Each jump is found by its instruction bytes: `test $0x10000, <reg>; je <skip>` followed within a few bytes by
+`test $0xe0, %al` (the XCR0 check that the OS saves AVX-512 state), and `mov $7, %eax; mov $1, %ecx; cpuid;
+test $0x10, %al; je <skip>`.  A build where either is not found exactly once is refused with a message rather
+than guessed at.
 
 `mlas_vector_width()` checks the result from the outside: MLAS's NCHWc block size is the number of float lanes
 of the kernels it chose (16 for AVX-512, 8 for AVX2), and ONNX Runtime writes it into the weights of a
@@ -32,6 +36,9 @@ from pathlib import Path
 # test $0x10000, r32 (REX.B optional; ModRM 0xc0-0xc7 = register direct, /0) ; je rel8 | je rel32 ;
 # then, within 12 bytes, test $0xe0, %al
 _AVX512F_BRANCH = re.compile(rb"\x41?\xf7[\xc0-\xc7]\x00\x00\x01\x00(\x74.|\x0f\x84....).{0,12}?\xa8\xe0", re.S)
+# mov $7, %eax ; mov $1, %ecx ; cpuid ; test $0x10, %al ; je rel8 | je rel32
+_AVXVNNI_BRANCH = re.compile(rb"\xb8\x07\x00\x00\x00\xb9\x01\x00\x00\x00\x0f\xa2\xa8\x10(\x74.|\x0f\x84....)", re.S)
+_BRANCHES = {"AVX512F": _AVX512F_BRANCH, "AVX-VNNI": _AVXVNNI_BRANCH}
 _READY = ".vitnp-patched"
 
 
@@ -55,22 +62,27 @@ def _extension(package: Path) -> Path:
     return found[0]
 
 
-def patch_avx512_branch(data: bytearray) -> int:
-    """Make MLAS's AVX512F branch always skip; returns the file offset of the changed jump."""
-    matches = list(_AVX512F_BRANCH.finditer(data))
-    if len(matches) != 1:
-        raise OrtPatchError(f"found the AVX512F check {len(matches)} times in ONNX Runtime's extension (expected "
-                            f"once): this onnxruntime build cannot be limited to AVX2 here")
-    jump = matches[0].start(1)
-    if data[jump] == 0x74:                      # je rel8 -> jmp rel8
-        data[jump] = 0xEB
-    else:                                       # je rel32 (0f 84 rel32) -> nop; jmp rel32, same end address
-        data[jump:jump + 2] = b"\x90\xe9"
-    return jump
+def patch_branches(data: bytearray) -> dict[str, int]:
+    """Make MLAS's AVX512F and AVX-VNNI branches always skip; returns the file offset of each changed jump.
+    Nothing is changed unless both are found exactly once."""
+    jumps = {}
+    for feature, pattern in _BRANCHES.items():
+        matches = list(pattern.finditer(data))
+        if len(matches) != 1:
+            raise OrtPatchError(f"found the {feature} check {len(matches)} times in ONNX Runtime's extension "
+                                f"(expected once): this onnxruntime build cannot be limited to AVX2 here")
+        jumps[feature] = matches[0].start(1)
+    for jump in jumps.values():
+        if data[jump] == 0x74:                      # je rel8 -> jmp rel8
+            data[jump] = 0xEB
+        else:                                       # je rel32 (0f 84 rel32) -> nop; jmp rel32, same end address
+            data[jump:jump + 2] = b"\x90\xe9"
+    return jumps
 
 
 def avx2_copy(cache_dir: Path) -> Path:
-    """A directory to put first on sys.path: it holds an `onnxruntime` package whose MLAS uses AVX2 at most.
+    """A directory to put first on sys.path: it holds an `onnxruntime` package whose MLAS uses AVX2 at most
+    (no AVX-512, no AVX-VNNI).
 
     Built once per onnxruntime version under cache_dir.
     """
@@ -85,10 +97,10 @@ def avx2_copy(cache_dir: Path) -> Path:
     shutil.copytree(source, staging / "onnxruntime", ignore=shutil.ignore_patterns("__pycache__"))
     extension = _extension(staging / "onnxruntime")
     data = bytearray(extension.read_bytes())
-    offset = patch_avx512_branch(data)
+    jumps = patch_branches(data)
     extension.write_bytes(bytes(data))
-    (staging / _READY).write_text(f"AVX512F branch made unconditional at file offset {offset:#x} of "
-                                  f"{extension.name}\n")
+    (staging / _READY).write_text("".join(f"{feature} branch made unconditional at file offset {offset:#x} of "
+                                          f"{extension.name}\n" for feature, offset in jumps.items()))
     shutil.rmtree(root, ignore_errors=True)
     staging.rename(root)
     return root

@@ -204,17 +204,23 @@ def test_ort_avx2_copy_runs_avx2_kernels_with_the_same_results(tmp_path):
     np.testing.assert_allclose(capped, native, rtol=1e-4, atol=1e-3)  # sums of 768 products, other order
 
 
-def test_ort_patch_changes_exactly_one_jump():
+def test_ort_patch_changes_exactly_the_two_jumps():
     import ort_isa
 
-    site = b"\x41\xf7\xc2\x00\x00\x01\x00\x74\x0e\x4c\x89\xc0\x48\xf7\xd0\xa8\xe0\x0f\x84\x54\x01\x00\x00"
-    data = bytearray(b"\x90" * 64 + site + b"\x90" * 64)
-    assert ort_isa.patch_avx512_branch(data) == 64 + 7
-    assert data[64 + 7] == 0xEB and data.count(0xEB) == 1
-    near = bytearray(site.replace(b"\x74\x0e", b"\x0f\x84\x10\x00\x00\x00"))
-    assert ort_isa.patch_avx512_branch(near) == 7
-    assert near[7:13] == b"\x90\xe9\x10\x00\x00\x00"  # nop; jmp rel32 ending where je did
-    with pytest.raises(ort_isa.OrtPatchError, match="0 times"):
-        ort_isa.patch_avx512_branch(bytearray(b"\x90" * 100))
-    with pytest.raises(ort_isa.OrtPatchError, match="2 times"):
-        ort_isa.patch_avx512_branch(bytearray(site + b"\x90" * 8 + site))
+    avx512 = b"\x41\xf7\xc2\x00\x00\x01\x00\x74\x0e\x4c\x89\xc0\x48\xf7\xd0\xa8\xe0\x0f\x84\x54\x01\x00\x00"
+    vnni = b"\xb8\x07\x00\x00\x00\xb9\x01\x00\x00\x00\x0f\xa2\xa8\x10\x74\x38"
+    data = bytearray(b"\x90" * 64 + vnni + b"\x90" * 64 + avx512 + b"\x90" * 64)
+    before = bytes(data)
+    jumps = ort_isa.patch_branches(data)
+    assert jumps == {"AVX-VNNI": 64 + 14, "AVX512F": 64 + 16 + 64 + 7}
+    assert data[78] == data[151] == 0xEB
+    assert [i for i in range(len(data)) if data[i] != before[i]] == [78, 151]  # nothing else changed
+    near = bytearray(vnni + avx512.replace(b"\x74\x0e", b"\x0f\x84\x10\x00\x00\x00"))
+    assert ort_isa.patch_branches(near)["AVX512F"] == 16 + 7
+    assert near[23:29] == b"\x90\xe9\x10\x00\x00\x00"  # nop; jmp rel32 ending where je did
+    for broken, message in ((b"\x90" * 100 + avx512, "AVX-VNNI check 0 times"),
+                            (vnni + avx512 + b"\x90" * 8 + avx512, "AVX512F check 2 times")):
+        data = bytearray(broken)
+        with pytest.raises(ort_isa.OrtPatchError, match=message):
+            ort_isa.patch_branches(data)
+        assert data == broken  # refused before changing anything
