@@ -490,7 +490,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="threads for every system (default 2)")
     p.add_argument("--warmup", type=int, help="untimed calls per system and batch size (default 2; 1 with --quick)")
     p.add_argument("--settle-ms", type=float, default=100.0,
-                   help="pause before each timed call (default 100: OpenBLAS workers spin ~60 ms after a call)")
+                   help="pause before each timed call (default 100; then up to 1 s until the other threads idle)")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the cached vit-base-shaped one)")
     p.add_argument("--cold-jit", type=_backend_list, default=None,
                    help="vitnp backends whose cold/warm JIT time is measured in child processes "
