@@ -65,12 +65,14 @@ def _warm_reduced(precision):
 
 
 def _warm_blas_epilogues():
+    from . import gemm
     from .linear import Linear
 
     x = _rand(5, 24)
     layer = Linear(_rand(40, 24), _rand(40), backend="blas")
     for epilogue in ("none", "gelu", "add"):
         layer(x, np.zeros((5, 40), np.float32), epilogue)
+    gemm.unpack_weight(gemm._panel_buffer(24, 40)[1], 24, 40)  # compiles the unpacker (contents immaterial)
 
 
 def _warm_attention():
@@ -104,7 +106,8 @@ def _dispatchers(group):
     return {"gemm": [gemm._gemm_tasks_packed, gemm._pack_panels, gemm._pack_panels_nk],
             "attention": [mha._attention],
             "layernorm": [elementwise._layernorm_rows],
-            "blas_epilogues": [gemm.apply_epilogue_inplace, gemm.add_product_inplace]}[group]
+            # auto packs at load and unpacks a layer whose decision is BLAS: the BLAS path's kernels too
+            "blas_epilogues": [gemm.apply_epilogue_inplace, gemm.add_product_inplace, gemm._unpack_panels]}[group]
 
 
 def _cached_for_this_cpu(dispatcher) -> bool:
