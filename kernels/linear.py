@@ -16,7 +16,10 @@ PANELS = "panels"   # gemm.pack_weight layout: Numba GEMM only
 AUTO_ROUNDS = 2   # timed rounds per shape, one after the other: a decision is stored only if they agree
 AUTO_REPEATS = 3  # timed calls per backend and round
 _PACKABLE = (np.dtype(np.float32),)  # Numba has no float16 arithmetic: those go through a float32 transpose
-AUTO_SETTLE_SECONDS = 0.1  # > OpenBLAS's default worker spin (2**28 cycles): each block starts on idle cores
+# > OpenBLAS's default worker spin, 2**28 TSC ticks (0.10 s with a 2.6 GHz TSC, 0.27 s at 1 GHz), in effect when
+# numpy loaded before vitnp: each timed block starts on idle cores.  (At 0.1 s a still-spinning pool once made
+# a 1-row GEMM time 1.5 ms on Numba against its idle 0.23 ms, and BLAS was chosen and stored.)
+AUTO_SETTLE_SECONDS = 0.3
 
 
 # (M, K, N) -> "numba" | "blas", shared by all Linear layers: the twelve blocks of a ViT have identical
