@@ -77,7 +77,7 @@ class Linear:
         k row after k row), so every B panel streams sequentially from DRAM instead of as 128-byte runs
         4-12 KiB apart (ViT-B fc1 at batch 1: 15% faster);
       * "auto": starts as panels, like "numba" (the usual winner; packed at load, the weight lands in memory
-        as numba's does), or as (K, N) when this machine's stored decisions for the shape all chose BLAS;
+        as numba's does), or as (K, N) when this machine's stored decisions for the shape include BLAS;
         should a row count pick BLAS it returns to (K, N) for good (the Numba GEMM reads that layout in
         place too), so a layer converts at most once.
     """
@@ -92,11 +92,11 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.backend = backend
         # (layout, array) swapped as one attribute, so a concurrent call sees a consistent pair.  Packed
-        # straight from (N, K) unless the layer will only run BLAS.  ("auto" used to start as (K, N) until
+        # straight from (N, K) unless the layer will run BLAS for some row count (and so end as (K, N)).  ("auto" used to start as (K, N) until
         # its first decision; the weights it re-laid out then, in the middle of the first forward pass,
         # ran 3-10 ms slower per ViT-B image at batch 1 in that process than the same weights packed at
         # load, for a reason not pinned down.)
-        if backend == "numba" or (backend == "auto" and self._stored_choices() != {"blas"}):
+        if backend == "numba" or (backend == "auto" and self._stored_choices() <= {"numba"}):
             self._weight = (PANELS, _gemm.pack_weight_nk(weight) if weight.dtype in _PACKABLE
                             else _gemm.pack_weight(_transpose_to_f32(weight)))
         else:
