@@ -92,10 +92,8 @@ class Linear:
         self.out_features, self.in_features = weight.shape
         self.backend = backend
         # (layout, array) swapped as one attribute, so a concurrent call sees a consistent pair.  Packed
-        # straight from (N, K) unless the layer will run BLAS for some row count (and so end as (K, N)).  ("auto" used to start as (K, N) until
-        # its first decision; the weights it re-laid out then, in the middle of the first forward pass,
-        # ran 3-10 ms slower per ViT-B image at batch 1 in that process than the same weights packed at
-        # load, for a reason not pinned down.)
+        # straight from (N, K) unless the layer will run BLAS for some row count (and so end as (K, N)):
+        # each weight is laid out once, at load, never in the middle of a forward pass.
         if backend == "numba" or (backend == "auto" and self._stored_choices() <= {"numba"}):
             self._weight = (PANELS, _gemm.pack_weight_nk(weight) if weight.dtype in _PACKABLE
                             else _gemm.pack_weight(_transpose_to_f32(weight)))
