@@ -8,7 +8,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._intrinsics import exp2_int_float32, maxnum_float32
+from ._intrinsics import _EXP_CONSTANTS, exp2_int_float32, maxnum_float32
 
 # erf(x) ~= x * P(x^2) on [-4, 4] (odd Chebyshev fit of degree 33, monomial form); |erf(x)| rounds to 1.0f
 # beyond 4 (erfc(4) = 1.5e-8).  Evaluated in float64 so the approximation, not the arithmetic, bounds
@@ -84,13 +84,8 @@ _EXP_P6 = np.float32(0.0013887316)
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def exp32(x):
-    """Vectorisable float32 exp (a few ulp)."""
-    x = min(max(x, _EXP_LO), _EXP_HI)
-    n = np.floor(x * _LOG2E + np.float32(0.5))
-    # The reduction in float64: under fastmath LLVM may fold a float32 Cody-Waite split (x - n*ln2_hi -
-    # n*ln2_lo) back into x - n*ln2 where there is no FMA to contract it first (SSE2: 4e-6 relative error).
-    r = np.float32(np.float64(x) - np.float64(n) * _LN2)
+def _exp_reduced(r):
+    """exp(r) for |r| <= ln2/2: the polynomial of every float32 exp here."""
     p = _EXP_P6
     p = p * r + _EXP_P5
     p = p * r + _EXP_P4
@@ -98,7 +93,18 @@ def exp32(x):
     p = p * r + _EXP_P2
     p = p * r + _EXP_P1
     p = p * r + _EXP_P0
-    return p * exp2_int_float32(n)
+    return p
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def exp32(x):
+    """Vectorisable float32 exp (a few ulp)."""
+    x = min(max(x, _EXP_LO), _EXP_HI)
+    n = np.floor(x * _LOG2E + np.float32(0.5))
+    # The reduction in float64: under fastmath LLVM may fold a float32 Cody-Waite split (x - n*ln2_hi -
+    # n*ln2_lo) back into x - n*ln2 where there is no FMA to contract it first (SSE2: 4e-6 relative error).
+    r = np.float32(np.float64(x) - np.float64(n) * _LN2)
+    return _exp_reduced(r) * exp2_int_float32(n)
 
 
 @njit(cache=True, fastmath=True)
@@ -169,8 +175,8 @@ _GELU_Q = tuple(np.float32(c) for c in (
 _GELU_Q0, _GELU_Q1, _GELU_Q2, _GELU_Q3, _GELU_Q4, _GELU_Q5, _GELU_Q6, _GELU_Q7, _GELU_Q8, _GELU_Q9, \
     _GELU_Q10 = _GELU_Q
 _HALF_SQUARE_MIN = np.float32(-60.0)  # exp(-u^2) floor: keeps h and x*h normal numbers (h < 1e-27 there)
-_LN2_HI = np.float32(0.693359375)     # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI exact in 9 bits
-_LN2_LO = np.float32(-2.12194440e-4)
+_LN2_HI = np.float32(_EXP_CONSTANTS["ln2_hi"])  # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI exact in 9 bits
+_LN2_LO = np.float32(_EXP_CONSTANTS["ln2_lo"])
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -189,18 +195,13 @@ def gelu32(x):
     q = q * t + _GELU_Q8
     q = q * t + _GELU_Q9
     q = q * t + _GELU_Q10
-    # exp(a) for a in [-60, 0]: a = n ln2 + r, exp(r) by exp32's polynomial, 2^n from exponent bits.
+    # exp(a) for a in [-60, 0]: a = n ln2 + r, 2^n from exponent bits.  The reduction stays in float32 (unlike
+    # exp32's): where fastmath folds the split (SSE2) its relative error grows with |n|, but h, about 2^n
+    # (n <= 0), shrinks faster, so GELU's absolute error does not grow.
     a = maxnum_float32(-(u * u), _HALF_SQUARE_MIN)
     n = np.floor(a * _LOG2E + np.float32(0.5))
     r = (a - n * _LN2_HI) - n * _LN2_LO
-    e = _EXP_P6
-    e = e * r + _EXP_P5
-    e = e * r + _EXP_P4
-    e = e * r + _EXP_P3
-    e = e * r + _EXP_P2
-    e = e * r + _EXP_P1
-    e = e * r + _EXP_P0
-    h = (t * q) * (e * exp2_int_float32(n))
+    h = (t * q) * (_exp_reduced(r) * exp2_int_float32(n))
     phi = h if x < np.float32(0.0) else np.float32(1.0) - h
     return x * phi
 
