@@ -299,6 +299,8 @@ def run(args) -> dict:
     import numpy as np
 
     info = common.machine_info()
+    if any(name in ("ort", "ort-int8") for name in args.systems):
+        info["onnxruntime_mlas"] = common.onnxruntime_mlas()
     common.print_machine(info)
     checkpoint = Path(args.checkpoint) if args.checkpoint else common.benchmark_checkpoint()
     config = common.read_config(checkpoint)

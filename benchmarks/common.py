@@ -129,12 +129,12 @@ def isa_info() -> dict:
     if info["emulated_isa"]:
         info["emulation_env"] = ISA_EMULATION[info["emulated_isa"]]
         info["not_emulated"] = not_emulated(info["emulated_isa"])
-    info["onnxruntime_mlas"] = onnxruntime_mlas()
     return info
 
 
 def onnxruntime_mlas() -> dict | None:
-    """Which onnxruntime this process's children import and how wide its MLAS kernels are (None without ORT)."""
+    """Which onnxruntime this process's children import and how wide its MLAS kernels are (None without ORT).
+    A child process that builds a session: the scripts that run ONNX Runtime add it to their machine info."""
     if not _version("onnxruntime"):
         return None
     import ort_isa
