@@ -43,7 +43,7 @@ def test_auto_decision_is_stored_and_reused(tmp_path, monkeypatch):
     (tmp_path / "gemm-auto.json").write_text(json.dumps(stored))
     monkeypatch.delitem(linear_module._auto_choice, (rows, k, n))
     layer = Linear(weight, backend="auto")
-    # Laid out at load for what the store says: panels for numba, (K, N) when BLAS is all that is stored.
+    # Laid out at load for what the store says: panels for numba, (K, N) once it holds a BLAS decision.
     assert layer.weight_layout == ("k_by_n" if other == "blas" else "panels")
     assert layer.backend_for(rows) == other
     layer(x, out)
