@@ -247,17 +247,20 @@ def _task_bounds(task, rows, cols, row_split, col_split):
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def _gemm_tasks(x, w_t_flat, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, b_bufs):
-    """The workers' tasks on a (K, N) weight read in place (B packed per task when enough rows reuse it)."""
+def _gemm_tasks(x, w_t_flat, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, b_bufs, c_begin,
+                c_end):
+    """The workers' tasks on a (K, N) weight read in place (B packed per task when enough rows reuse it),
+    for output columns [c_begin, c_end)."""
     rows, depth = x.shape
     cols = out.shape[1]
     x_flat = x.reshape(-1)
     out_flat = out.reshape(-1)
-    tasks = _task_count(rows, cols, row_split, col_split)
+    tasks = _task_count(rows, c_end - c_begin, row_split, col_split)
     workers = a_bufs.shape[0]
     for w in prange(workers):
         for task in range(w, tasks, workers):
-            r0, r1, c0, c1 = _task_bounds(task, rows, cols, row_split, col_split)
+            r0, r1, c0, c1 = _task_bounds(task, rows, c_end - c_begin, row_split, col_split)
+            c0, c1 = c0 + c_begin, c1 + c_begin
             _run_task(x_flat, w_t_flat, bias, has_bias, out_flat, rows, depth, cols, epilogue,
                       r0, r1, c0, c1, a_bufs[w], b_bufs[w], r1 - r0 >= PACK_B_MIN_ROWS)
 
@@ -265,17 +268,19 @@ def _gemm_tasks(x, w_t_flat, bias, has_bias, out, epilogue, row_split, col_split
 # Two drivers rather than one with a flag: the models' forward passes only run the pre-packed one, and
 # alone it compiles in about half the time (the first run waits for it).
 @njit(cache=True, fastmath=True, parallel=True)
-def _gemm_tasks_packed(x, w_packed, bias, has_bias, out, epilogue, row_split, col_split, a_bufs):
-    """The workers' tasks on a pack_weight() weight."""
+def _gemm_tasks_packed(x, w_packed, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, c_begin, c_end):
+    """The workers' tasks on a pack_weight() weight, for output columns [c_begin, c_end) (c_begin a
+    multiple of NR: a whole panel)."""
     rows, depth = x.shape
     cols = out.shape[1]
     x_flat = x.reshape(-1)
     out_flat = out.reshape(-1)
-    tasks = _task_count(rows, cols, row_split, col_split)
+    tasks = _task_count(rows, c_end - c_begin, row_split, col_split)
     workers = a_bufs.shape[0]
     for w in prange(workers):
         for task in range(w, tasks, workers):
-            r0, r1, c0, c1 = _task_bounds(task, rows, cols, row_split, col_split)
+            r0, r1, c0, c1 = _task_bounds(task, rows, c_end - c_begin, row_split, col_split)
+            c0, c1 = c0 + c_begin, c1 + c_begin
             # Many rows: row chunks of <= PANEL_OUTER_MAX_ROWS, each the panel-outer order (its A rows
             # stay in L2 while every B panel passes through L1 once); the pre-packed weight is streamed
             # once per chunk from L3 (ViT-B's largest is 9 MiB).  Chunks are whole micro-panels.
@@ -292,10 +297,10 @@ def _gemm_tasks_packed(x, w_packed, bias, has_bias, out, epilogue, row_split, co
 
 
 @njit(cache=True, fastmath=True)
-def apply_epilogue_inplace(out, bias, has_bias, epilogue):
-    """For the BLAS path: out already holds x @ w_t; add bias and apply GELU in one pass."""
+def apply_epilogue_inplace(out, bias, has_bias, epilogue, c_begin, c_end):
+    """For the BLAS path: out[:, c_begin:c_end] already holds x @ w_t; add bias and apply GELU in one pass."""
     rows, cols = out.shape
-    _finish_tile(out.reshape(-1), cols, 0, rows, 0, cols, bias, has_bias, epilogue)
+    _finish_tile(out.reshape(-1), cols, 0, rows, c_begin, c_end - c_begin, bias, has_bias, epilogue)
 
 
 @njit(cache=True, fastmath=True)
@@ -309,10 +314,11 @@ def _add_rows_serial(out_row, product_row, bias, has_bias):
 
 
 @njit(cache=True, fastmath=True)
-def add_product_inplace(out, product, bias, has_bias):
-    """For the BLAS path's residual epilogue: out += product + bias."""
+def add_product_inplace(out, product, bias, has_bias, c_begin):
+    """For the BLAS path's residual epilogue: out[:, c_begin:c_begin + product.shape[1]] += product + bias."""
+    c_end = c_begin + product.shape[1]
     for i in range(out.shape[0]):
-        _add_rows_serial(out[i], product[i], bias, has_bias)
+        _add_rows_serial(out[i, c_begin:c_end], product[i], bias[c_begin:c_end] if has_bias else bias, has_bias)
 
 
 NO_BIAS = np.zeros(1, np.float32)
@@ -343,7 +349,8 @@ def _finish_empty(out, bias, epilogue):
     else:
         out[...] = product
         if epilogue == "gelu":
-            gelu_inplace_serial(out.reshape(-1))
+            for row in out:  # rows of a column range are contiguous; the whole may not be
+                gelu_inplace_serial(row)
 
 
 def _buffers(workers, a_size, b_size):
@@ -358,14 +365,16 @@ def _buffers(workers, a_size, b_size):
     return bufs
 
 
-def gemm(x, w_t, bias, out, epilogue):
-    """out (=|+=) epilogue(x @ w_t + bias) with the packed, register-tiled Numba kernel (bias may be None)."""
+def gemm(x, w_t, bias, out, epilogue, columns=None):
+    """out (=|+=) epilogue(x @ w_t + bias) with the packed, register-tiled Numba kernel (bias may be None);
+    with columns=(start, stop), only out[:, start:stop] is computed and nothing else is written."""
     rows, depth = x.shape
-    cols = w_t.shape[1]
+    c_begin, c_end = (0, w_t.shape[1]) if columns is None else columns
+    cols = c_end - c_begin
     if rows == 0 or cols == 0:
         return
     if depth == 0:  # an empty sum: only the bias (or nothing) remains
-        _finish_empty(out, bias, epilogue)
+        _finish_empty(out[:, c_begin:c_end], None if bias is None else bias[c_begin:c_end], epilogue)
         return
     workers = get_num_threads()
     row_split, col_split = plan(rows, cols, workers)
@@ -374,7 +383,7 @@ def gemm(x, w_t, bias, out, epilogue):
     a_bufs, b_bufs = _buffers(workers, a_size, b_size)
     has_bias = bias is not None
     _gemm_tasks(x, w_t.reshape(-1), bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
-                row_split, col_split, a_bufs, b_bufs)
+                row_split, col_split, a_bufs, b_bufs, c_begin, c_end)
 
 
 def pack_weight(w_t):
@@ -461,13 +470,18 @@ def unpack_weight(packed, depth, cols):
     return w_t
 
 
-def gemm_packed(x, packed, cols, bias, out, epilogue):
-    """gemm() with the weight already in pack_weight()'s panel layout (`cols` = N)."""
+def gemm_packed(x, packed, cols, bias, out, epilogue, columns=None):
+    """gemm() with the weight already in pack_weight()'s panel layout (`cols` = N); columns=(start, stop)
+    as in gemm(), start a multiple of NR."""
     rows, depth = x.shape
+    c_begin, c_end = (0, cols) if columns is None else columns
+    if c_begin % NR:
+        raise ValueError(f"gemm_packed: the first column ({c_begin}) must start a {NR}-column panel")
+    cols = c_end - c_begin
     if rows == 0 or cols == 0:
         return
     if depth == 0:
-        _finish_empty(out, bias, epilogue)
+        _finish_empty(out[:, c_begin:c_end], None if bias is None else bias[c_begin:c_end], epilogue)
         return
     workers = get_num_threads()
     row_split, col_split = plan(rows, cols, workers)
@@ -475,4 +489,4 @@ def gemm_packed(x, packed, cols, bias, out, epilogue):
     a_bufs, _ = _buffers(workers, a_size, 1)
     has_bias = bias is not None
     _gemm_tasks_packed(x, packed, bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
-                       row_split, col_split, a_bufs)
+                       row_split, col_split, a_bufs, c_begin, c_end)

@@ -1,4 +1,5 @@
 """Linear layer (x @ W^T + b) with a NumPy/BLAS backend, a Numba backend and per-shape auto selection."""
+import operator
 import os
 import threading
 import time
@@ -205,20 +206,24 @@ class Linear:
         return choice, consistent
 
     # -- compute ---------------------------------------------------------------------------------
-    def __call__(self, x, out, epilogue="none"):
-        check_layer_call(self, x, out, epilogue, _gemm.EPILOGUES)
+    column_step = _gemm.NR  # a column range starts on a multiple of this (a whole panel of the packed weight)
+
+    def __call__(self, x, out, epilogue="none", columns=None):
+        """out (=|+=) epilogue(x @ W^T + b); with columns=(start, stop), only out[:, start:stop] is computed
+        and the rest of out is left as it is (start a multiple of column_step)."""
+        columns = check_layer_call(self, x, out, epilogue, _gemm.EPILOGUES, columns)
         backend = self.backend_for(x.shape[0])
-        self._run(backend, self._weight, x, out, epilogue)
+        self._run(backend, self._weight, x, out, epilogue, columns)
         return out
 
-    def _run(self, backend, weight, x, out, epilogue):
+    def _run(self, backend, weight, x, out, epilogue, columns=None):
         layout, array = weight
         if layout == PANELS:
-            _gemm.gemm_packed(x, array, self.out_features, self.bias, out, epilogue)
+            _gemm.gemm_packed(x, array, self.out_features, self.bias, out, epilogue, columns)
         elif backend == "numba":
-            _gemm.gemm(x, array, self.bias, out, epilogue)
+            _gemm.gemm(x, array, self.bias, out, epilogue, columns)
         else:
-            self._run_blas(array, x, out, epilogue)
+            self._run_blas(array, x, out, epilogue, columns)
 
     @property
     def weight_layout(self):
@@ -229,17 +234,20 @@ class Linear:
         """The one weight-sized array the layer holds (layout: `weight_layout`)."""
         return self._weight[1]
 
-    def _run_blas(self, weight_t, x, out, epilogue):
+    def _run_blas(self, weight_t, x, out, epilogue, columns=None):
         has_bias = self.bias is not None
         bias = self.bias if has_bias else _gemm.NO_BIAS
+        start, stop = (0, self.out_features) if columns is None else columns
+        if columns is not None:  # (K, N) and (M, N) column slices: strided, still sgemm's operands as they are
+            weight_t = weight_t[:, start:stop]
         if epilogue == "add":
-            product = _blas_scratch(out.shape)
+            product = _blas_scratch((out.shape[0], stop - start))
             np.matmul(x, weight_t, out=product)
-            _gemm.add_product_inplace(out, product, bias, has_bias)
+            _gemm.add_product_inplace(out, product, bias, has_bias, start)
         else:
-            np.matmul(x, weight_t, out=out)
+            np.matmul(x, weight_t, out=out if columns is None else out[:, start:stop])
             if has_bias or epilogue == "gelu":
-                _gemm.apply_epilogue_inplace(out, bias, has_bias, _gemm.EPILOGUES[epilogue])
+                _gemm.apply_epilogue_inplace(out, bias, has_bias, _gemm.EPILOGUES[epilogue], start, stop)
 
     def report(self):
         """Shapes, backend setting and, for auto, the per-row-count choices and timings seen so far."""
@@ -257,8 +265,9 @@ class Linear:
         return f"Linear(in_features={self.in_features}, out_features={self.out_features}, backend={self.backend!r})"
 
 
-def check_layer_call(layer, x, out, epilogue, epilogues):
-    """The checks every layer call makes (Linear and QLinear alike); errors name the layer's class."""
+def check_layer_call(layer, x, out, epilogue, epilogues, columns=None):
+    """The checks every layer call makes (Linear and QLinear alike); errors name the layer's class.
+    Returns the column range as (start, stop) ints, or None for all columns."""
     name = type(layer).__name__
     check_f32_contiguous(x, "x")
     check_f32_contiguous(out, "out")
@@ -270,6 +279,16 @@ def check_layer_call(layer, x, out, epilogue, epilogues):
         raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {tuple(epilogues)}")
     if np.may_share_memory(x, out):
         raise ValueError(f"{name}: out must not overlap x (the product is written while x is read)")
+    if columns is None:
+        return None
+    try:
+        start, stop = (operator.index(v) for v in columns)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: columns must be a (start, stop) pair of ints, got {columns!r}") from None
+    if not 0 <= start <= stop <= layer.out_features or start % layer.column_step:
+        raise ValueError(f"{name}: columns must satisfy 0 <= start <= stop <= {layer.out_features} with start a "
+                         f"multiple of {layer.column_step}, got {columns!r}")
+    return start, stop
 
 
 def _machine_key():

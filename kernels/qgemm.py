@@ -362,13 +362,14 @@ def _fetch_add(typingctx, counter, value):
 
 @njit(cache=True, parallel=True)
 def _qgemm_tasks(a, lda, groups, b, group, c, rows_total, cols_total, rscale, rzp, cscale, colsum, bias,
-                 epilogue, task_rows, task_cols, workers, counter):
+                 epilogue, task_rows, task_cols, workers, counter, c_begin, c_end):
     """Tasks of task_rows x task_cols (whole micro-tiles), handed out through an atomic counter: a worker
     that the OS deschedules (other processes on the cores) delays one task, not a fixed share of the GEMM.
     Per task: column panels outer (one B panel stays in L1/L2), row panels inner (the task's rows of A,
-    at most A_BLOCK_BYTES, stay in L2); GELU on the task's block right after."""
+    at most A_BLOCK_BYTES, stay in L2); GELU on the task's block right after.  Only output columns
+    [c_begin, c_end) are computed (c_begin a multiple of NR)."""
     c_flat = c.reshape(-1)
-    tasks = _task_count(rows_total, cols_total, task_rows, task_cols)
+    tasks = _task_count(rows_total, c_end - c_begin, task_rows, task_cols)
     add = epilogue == 2
     panel = groups * NR * group
     for w in prange(workers):
@@ -376,7 +377,8 @@ def _qgemm_tasks(a, lda, groups, b, group, c, rows_total, cols_total, rscale, rz
             task = _fetch_add(counter, 1)
             if task >= tasks:
                 break
-            r0, r1, c0, c1 = _task_bounds(task, rows_total, cols_total, task_rows, task_cols)
+            r0, r1, c0, c1 = _task_bounds(task, rows_total, c_end - c_begin, task_rows, task_cols)
+            c0, c1 = c0 + c_begin, c1 + c_begin
             for col in range(c0, c1, NR):
                 cols = min(NR, c1 - col)
                 b_off = (col // NR) * panel
@@ -713,21 +715,23 @@ def prepare_a(x, kind):
     return a, _ROW_SCRATCH, _ZP_SCRATCH
 
 
-def qgemm(x, weight: PackedWeight, out, epilogue="none"):
-    """out (=|+=) epilogue(x @ W^T + bias) with a reduced-precision weight (x, out float32 C-contiguous)."""
+def qgemm(x, weight: PackedWeight, out, epilogue="none", columns=None):
+    """out (=|+=) epilogue(x @ W^T + bias) with a reduced-precision weight (x, out float32 C-contiguous);
+    columns=(start, stop), start a multiple of NR: only out[:, start:stop] is computed."""
     rows, k = x.shape
     n = weight.out_features
-    if rows == 0 or n == 0:
+    c_begin, c_end = (0, n) if columns is None else columns
+    if rows == 0 or c_end == c_begin:
         return
     a, rscale, rzp = prepare_a(x, weight.kind)
     lda = a.shape[1]
     workers = get_num_threads()
-    task_rows, task_cols = _plan(rows, n, lda * a.itemsize, workers)
+    task_rows, task_cols = _plan(rows, c_end - c_begin, lda * a.itemsize, workers)
     counter = _scratch("counter", 1, 1, np.int64)[0]
     counter[0] = 0
     _qgemm_tasks(a.reshape(-1), lda, weight.groups, weight.packed, weight.group, out, rows, n, rscale, rzp,
                  weight.cscale, weight.colsum, weight.bias, EPILOGUES[epilogue], task_rows, task_cols,
-                 workers, counter)
+                 workers, counter, c_begin, c_end)
 
 
 @njit(cache=True)

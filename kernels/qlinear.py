@@ -74,9 +74,12 @@ class QLinear:
     def bias(self):
         return self.packed.bias[:self.out_features] if self.has_bias else None
 
-    def __call__(self, x, out, epilogue="none"):
-        check_layer_call(self, x, out, epilogue, qgemm.EPILOGUES)
-        qgemm.qgemm(x, self.packed, out, epilogue)
+    column_step = qgemm.NR  # a column range starts on a whole panel
+
+    def __call__(self, x, out, epilogue="none", columns=None):
+        """As Linear.__call__ (columns=(start, stop): only out[:, start:stop] is computed)."""
+        columns = check_layer_call(self, x, out, epilogue, qgemm.EPILOGUES, columns)
+        qgemm.qgemm(x, self.packed, out, epilogue, columns)
         return out
 
     def dequantized_weight(self) -> np.ndarray:

@@ -493,3 +493,55 @@ def test_linear_degenerate_shapes(backend, shape, epilogue):
     bias = r.standard_normal(n).astype(np.float32)
     x = r.standard_normal((m, k)).astype(np.float32)
     check_linear(kernels.Linear(weight, bias, backend=backend), x, weight, bias, epilogue)
+
+
+# A column range computes out[:, start:stop] only (a ViT's last layer: keys and values of every token, queries of
+# [CLS] alone).  Ranges: inside, to a ragged last panel, ending mid-panel, empty, all.
+def _column_ranges(n):
+    step = gemm_module.NR
+    return [(step, 3 * step), (2 * step, n), (0, step + 3), (step, step), (0, n)]
+
+
+def _check_column_range(run, x, weight, bias, epilogue, start, stop):
+    r = np.random.default_rng(11)
+    initial = r.standard_normal((x.shape[0], weight.shape[0])).astype(np.float32)
+    out = initial.copy()
+    run(out)
+    expected = linear_reference(x, weight, bias, epilogue, initial)
+    scale = np.abs(x.astype(np.float64)) @ np.abs(weight.astype(np.float64)).T
+    tol = 2e-6 * scale + 1e-6 + 1e-6 * np.abs(initial)
+    inside = np.s_[:, start:stop]
+    assert np.all(np.abs(out[inside] - expected[inside]) <= tol[inside]), (start, stop)
+    untouched = np.ones(out.shape, bool)
+    untouched[inside] = False
+    np.testing.assert_array_equal(out[untouched], initial[untouched])
+
+
+@pytest.mark.parametrize("path", ["numba-panels", "numba-k_by_n", "blas"])
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "add"])
+@pytest.mark.parametrize("rows", [1, 197])
+def test_linear_column_range_computes_only_those_columns(path, epilogue, rows, threads):
+    r = rng()
+    k, n = 70, 4 * gemm_module.NR + 5
+    weight = (r.standard_normal((n, k)) / math.sqrt(k)).astype(np.float32)
+    bias = r.standard_normal(n).astype(np.float32)
+    x = r.standard_normal((rows, k)).astype(np.float32)
+    for start, stop in _column_ranges(n):
+        if path == "numba-k_by_n":  # the Numba GEMM reading a (K, N) weight in place (auto after a BLAS choice)
+            w_t = np.ascontiguousarray(weight.T)
+            run = lambda out: gemm_module.gemm(x, w_t, bias, out, epilogue, (start, stop))  # noqa: E731
+        else:
+            lin = kernels.Linear(weight, bias, backend=path.split("-")[0])
+            assert lin.weight_layout == ("panels" if path == "numba-panels" else "k_by_n")
+            run = lambda out: lin(x, out, epilogue, columns=(start, stop))  # noqa: E731
+        _check_column_range(run, x, weight, bias, epilogue, start, stop)
+
+
+def test_linear_column_range_is_checked():
+    step = gemm_module.NR
+    lin = kernels.Linear(np.zeros((3 * step, 5), np.float32), backend="numba")
+    x, out = np.zeros((2, 5), np.float32), np.zeros((2, 3 * step), np.float32)
+    for bad in [(1, step), (step, 4 * step), (2 * step, step), (-step, step), (0.5, step), (0,), "ab"]:
+        with pytest.raises(ValueError, match="columns"):
+            lin(x, out, columns=bad)
+    assert lin.column_step == step

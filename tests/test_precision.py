@@ -141,6 +141,28 @@ def test_weight_quantisation_matches_reference():
     assert QLinear(big, None, "bf16").report()["weight_bytes"] <= 0.52 * big.nbytes
 
 
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_qlinear_column_range_matches_the_full_product_there(precision):
+    # Columns are computed independently (same activation rows, same panels): a range is the full call's
+    # columns (up to GELU's vector / scalar loop tails: 1 ulp), and nothing outside it is written.
+    rng = np.random.default_rng(5)
+    n = 4 * qgemm.NR + 5
+    layer = QLinear((rng.standard_normal((n, 70)) * 0.1).astype(np.float32),
+                    rng.standard_normal(n).astype(np.float32), precision)
+    for rows in (1, 197):
+        x = rng.standard_normal((rows, 70)).astype(np.float32)
+        for epilogue in ("none", "gelu", "add"):
+            initial = rng.standard_normal((rows, n)).astype(np.float32)
+            full = layer(x, initial.copy(), epilogue)
+            for start, stop in [(qgemm.NR, 3 * qgemm.NR), (2 * qgemm.NR, n), (0, qgemm.NR + 3), (0, 0)]:
+                out = layer(x, initial.copy(), epilogue, columns=(start, stop))
+                np.testing.assert_allclose(out[:, start:stop], full[:, start:stop], rtol=3e-7, atol=1e-7)
+                out[:, start:stop] = initial[:, start:stop]
+                np.testing.assert_array_equal(out, initial)
+    with pytest.raises(ValueError, match="columns"):
+        layer(x, initial.copy(), columns=(1, n))
+
+
 @pytest.mark.parametrize("kind", ["vnni", "madd", "dpbf16", "widen"])
 def test_kernel_matches_exact_quantised_math(kind):
     if kind not in qgemm.supported_kinds():

@@ -35,6 +35,7 @@ class Workspace:
         prefix = c.num_prefix_tokens * batch
         self.prefix_hidden = np.empty((prefix, D), np.float32)
         self.prefix_normed = np.empty((prefix, D), np.float32)
+        self.prefix_qkv = np.empty((prefix, 3 * D), np.float32)
         self.prefix_context = np.empty((prefix, D), np.float32)
         self.prefix_mlp = np.empty((prefix, c.intermediate_size), np.float32)
         self.pooled = np.empty((prefix, D), np.float32)
@@ -48,6 +49,25 @@ def patchify(pixel_values: np.ndarray, patch: int, out: np.ndarray) -> None:
     gh, gw = H // patch, W // patch
     view = pixel_values.reshape(B, C, gh, patch, gw, patch).transpose(0, 2, 4, 1, 3, 5)
     out.reshape(B, gh, gw, C, patch, patch)[...] = view
+
+
+def tokens_of(rows: np.ndarray, batch: int) -> np.ndarray:
+    """(B * T, width) -> (B, T, width) view."""
+    return rows.reshape(batch, -1, rows.shape[1])
+
+
+def project_prefix_queries(qkv_layer, normed, prefix_normed, qkv, prefix_qkv, batch: int) -> None:
+    """qkv = normed @ W_qkv^T + b, except that queries are computed for the prefix tokens (prefix_normed,
+    image-major) only: keys and values of every token, in one call over a column range, then the prefix
+    rows' queries (a range must start on a whole panel of the packed weight; where D does not, all of it)."""
+    D = normed.shape[1]
+    if D % qkv_layer.column_step:
+        qkv_layer(normed, qkv)
+        return
+    qkv_layer(normed, qkv, columns=(D, 3 * D))
+    qkv_layer(prefix_normed, prefix_qkv, columns=(0, D))
+    npre = prefix_normed.shape[0] // batch
+    tokens_of(qkv, batch)[:, :npre, :D] = tokens_of(prefix_qkv, batch)[:, :, :D]
 
 
 def forward(w: ViTWeights, cfg: ViTConfig, pixel_values: np.ndarray, ws: Workspace) -> np.ndarray:
@@ -72,13 +92,17 @@ def forward(w: ViTWeights, cfg: ViTConfig, pixel_values: np.ndarray, ws: Workspa
     last = len(w.layers) - 1
     for index, layer in enumerate(w.layers):
         layernorm(hidden, layer.ln1_weight, layer.ln1_bias, eps, normed)
-        layer.qkv(normed, qkv)
-        if index == last:
+        if index < last:
+            layer.qkv(normed, qkv)
+        else:
             # Only the prefix tokens' outputs reach the heads.  Their attention still reads every token's
-            # keys and values, but from here on every op is per token: run it on those B * npre rows
-            # alone (the same logits; 6% of ViT-B's work skipped).
+            # keys and values, but it needs only their queries, and from there on every op is per token: run
+            # it all on those B * npre rows alone (the same logits; 6.6% of ViT-B's work skipped).
             n = B * npre
-            hidden, normed = ws.prefix_hidden[:n], ws.prefix_normed[:n]
+            prefix_normed = ws.prefix_normed[:n]
+            prefix_normed.reshape(B, npre, D)[...] = tokens_of(normed, B)[:, :npre]
+            project_prefix_queries(layer.qkv, normed, prefix_normed, qkv, ws.prefix_qkv[:n], B)
+            hidden, normed = ws.prefix_hidden[:n], prefix_normed
             context, mlp = ws.prefix_context[:n], ws.prefix_mlp[:n]
             hidden.reshape(B, npre, D)[...] = tokens[:, :npre]
         queries = hidden.shape[0] // B
