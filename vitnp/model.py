@@ -97,7 +97,7 @@ def forward(w: ViTWeights, cfg: ViTConfig, pixel_values: np.ndarray, ws: Workspa
         else:
             # Only the prefix tokens' outputs reach the heads.  Their attention still reads every token's
             # keys and values, but it needs only their queries, and from there on every op is per token: run
-            # it all on those B * npre rows alone (the same logits; 6.6% of ViT-B's work skipped).
+            # it all on those B * npre rows alone (the same logits; 6.9% of ViT-B's work skipped).
             n = B * npre
             prefix_normed = ws.prefix_normed[:n]
             prefix_normed.reshape(B, npre, D)[...] = tokens_of(normed, B)[:, :npre]
