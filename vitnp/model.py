@@ -35,7 +35,7 @@ class Workspace:
         prefix = c.num_prefix_tokens * batch
         self.prefix_hidden = np.empty((prefix, D), np.float32)
         self.prefix_normed = np.empty((prefix, D), np.float32)
-        self.prefix_qkv = np.empty((prefix, 3 * D), np.float32)
+        self.prefix_qkv = np.empty((prefix, 3 * D), np.float32)  # their queries: the first D columns
         self.prefix_context = np.empty((prefix, D), np.float32)
         self.prefix_mlp = np.empty((prefix, c.intermediate_size), np.float32)
         self.pooled = np.empty((prefix, D), np.float32)
