@@ -1,6 +1,7 @@
 """The auto backend's decisions persist on disk and are read back by later processes."""
 
 import json
+import time
 
 import numpy as np
 
@@ -61,6 +62,35 @@ def test_decision_is_stored_only_when_the_timed_rounds_agree():
     blas_wins = {"numba": [0.0050, 0.0052, 0.0051], "blas": [0.0030, 0.0031, 0.0030]}
     assert linear_module.decide([blas_wins, blas_wins])[::2] == ("blas", True)
     assert linear_module.decide([blas_wins, clean])[::2] == ("numba", False)
+
+
+def test_a_blas_win_is_timed_again_after_a_pause_before_it_counts():
+    numba_wins = {"numba": [0.0012, 0.0011, 0.0011], "blas": [0.0041, 0.0040, 0.0042]}
+    # Another program held a core through both back-to-back rounds' numba blocks, and had stopped 0.3 s later.
+    disturbed = {"numba": [0.0074, 0.0075, 0.0076], "blas": [0.0054, 0.0055, 0.0054]}
+    blas_wins = {"numba": [0.0050, 0.0052, 0.0051], "blas": [0.0030, 0.0031, 0.0030]}
+
+    def rounds(*script):
+        starts, queue = [], list(script)
+
+        def timed_round():
+            starts.append(time.perf_counter())
+            return queue.pop(0)
+        return timed_round, starts
+
+    timed_round, starts = rounds(disturbed, disturbed, numba_wins)
+    choice, best, consistent = linear_module.choose(timed_round, pause=0.3)
+    assert (choice, consistent) == ("numba", False), "the fastest call wins for this process; nothing is stored"
+    assert best == {"numba": 0.0011, "blas": 0.0040}
+    assert len(starts) == 3 and starts[2] - starts[1] >= 0.3
+    timed_round, starts = rounds(blas_wins, blas_wins, blas_wins)
+    assert linear_module.choose(timed_round, pause=0.0)[::2] == ("blas", True)
+    assert len(starts) == 3
+    # A numba win needs no third round, nor do rounds that disagree (nothing is stored either way).
+    for script in [(numba_wins, numba_wins), (blas_wins, numba_wins)]:
+        timed_round, starts = rounds(*script, blas_wins)
+        linear_module.choose(timed_round, pause=0.0)
+        assert len(starts) == 2
 
 
 def test_unwritable_cache_dir_only_means_timing_again(tmp_path, monkeypatch):
