@@ -22,9 +22,11 @@ Systems, all in this one process and all given the same number of threads (--thr
 
 Method: for each batch size every system is called once (the first-call time is recorded: for vitnp it includes
 loading the Numba cache, or compiling when the cache is cold) and warmed up, then the timed repetitions run
-round-robin (rep r calls every system once, in an order rotated by r), with a 100 ms pause before each call and then
+round-robin (rep r calls every system once, in an order rotated by r), with a 500 ms pause before each call and then
 a wait (at most 1 s) until no other thread of the process is running, so one system's spinning thread pool (OpenBLAS
-workers spin ~100 ms after a call on a 2.6 GHz TSC) does not eat into the next one's time.  Reported: median ms per call and per image,
+workers spin ~100 ms after a call on a 2.6 GHz TSC) does not eat into the next one's time.  The pause is long because
+the cores stay slower for a while after a long run: a Numba forward pass 100 ms after a 230 ms BLAS one took
+4-7 ms (3-5%) longer than after another Numba one, and the same 0.5 s later it did not.  Reported: median ms per call and per image,
 GFLOP/s (ViT-B/16 forward = 35.1 GFLOP/img, see common.vit_forward_flops), latency relative to ONNX Runtime and
 speed-up over PyTorch eager, the largest logit difference from PyTorch, and PASS/FAIL lines for the targets
 (vitnp <= 0.9x ONNX Runtime latency at batch 1 and 8; >= 2.3x faster than PyTorch eager).  JIT compile time is
@@ -491,8 +493,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="few reps, one warm-up call, writes e2e-quick.*")
     p.add_argument("--threads", type=int, default=2, help="threads for every system (default 2)")
     p.add_argument("--warmup", type=int, help="untimed calls per system and batch size (default 2; 1 with --quick)")
-    p.add_argument("--settle-ms", type=float, default=100.0,
-                   help="pause before each timed call (default 100; then up to 1 s until the other threads idle)")
+    p.add_argument("--settle-ms", type=float, default=500.0,
+                   help="pause before each timed call (default 500; then up to 1 s until the other threads idle)")
     p.add_argument("--checkpoint", help="checkpoint directory (default: the cached vit-base-shaped one)")
     p.add_argument("--cold-jit", type=_backend_list, default=None,
                    help="vitnp backends whose cold/warm JIT time is measured in child processes "
