@@ -21,11 +21,16 @@ _PACKABLE = (np.dtype(np.float32),)  # Numba has no float16 arithmetic: those go
 # numpy loaded before vitnp: each timed block starts on idle cores.  (At 0.1 s a still-spinning pool once made
 # a 1-row GEMM time 1.5 ms on Numba against its idle 0.23 ms, and BLAS was chosen and stored.)
 AUTO_SETTLE_SECONDS = 0.3
-# A BLAS win is timed once more after this pause before it is stored: a stored BLAS decision costs every later
-# process that shape's Numba speed (2-4x on ViT-B here), and another program holding a core for well under a
-# second can make two back-to-back rounds agree on it (a table-2 benchmark run stored BLAS for ViT-B's
-# 197x768x768 projection after timing Numba at 7.4 ms there, against its 1.9 ms: auto then took 2.2x ORT's time).
-AUTO_CONFIRM_PAUSE_SECONDS = 1.0
+# A BLAS win for a shape whose Numba time is at least AUTO_CONFIRM_MIN_SECONDS is timed once more after this pause
+# before it counts: such a stored decision costs every later process that shape's Numba speed (ViT-B's 197-row
+# projections: 2-4x), and another program holding a core for a moment makes the Numba GEMM, whose parallel region
+# waits for a preempted thread, 3-4x slower while BLAS loses about 10%: two back-to-back rounds can then agree on
+# BLAS (a table-2 benchmark run stored BLAS for ViT-B's 197x768x768 after timing Numba at 7.4 ms there, against its
+# 1.9 ms, and auto then took 2.2x ORT's time).  Shorter shapes skip it: a small model's first run would otherwise
+# wait out a pause per shape (`vitnp classify --model bundled:digits`, empty store: 0.75 s, and 11-12 s with a
+# 1 s pause for its 10 BLAS wins, all under 0.03 ms).
+AUTO_CONFIRM_PAUSE_SECONDS = 0.5
+AUTO_CONFIRM_MIN_SECONDS = 1e-3
 
 
 # (M, K, N) -> "numba" | "blas", shared by all Linear layers: the twelve blocks of a ViT have identical
@@ -62,10 +67,11 @@ def settle(limit=AUTO_SETTLE_SECONDS):
 
 def choose(timed_round, pause=AUTO_CONFIRM_PAUSE_SECONDS):
     """Run AUTO_ROUNDS timed rounds (timed_round() -> {backend: [seconds, ...]}), and one more after `pause`
-    seconds when they agree on BLAS; returns decide() of all of them."""
+    seconds when they agree on BLAS for a shape Numba takes at least AUTO_CONFIRM_MIN_SECONDS on; returns
+    decide() of all of them."""
     rounds = [timed_round() for _ in range(AUTO_ROUNDS)]
     choice, best, consistent = decide(rounds)
-    if choice == "blas" and consistent:
+    if choice == "blas" and consistent and best["numba"] >= AUTO_CONFIRM_MIN_SECONDS:
         time.sleep(pause)
         rounds.append(timed_round())
         choice, best, consistent = decide(rounds)
@@ -180,7 +186,7 @@ class Linear:
         cores from the kernels that follow.  So what a BLAS call costs in a forward pass includes the slowdown
         of the Numba kernels after it; the same-shape Numba GEMM after each candidate puts that in the
         candidate's time.  In each of AUTO_ROUNDS rounds both are timed once the pools are idle, numba's first,
-        so BLAS's after-effects never land in numba's time (and a BLAS win is timed once more: see choose).
+        so BLAS's after-effects never land in numba's time (and a BLAS win may be timed once more: see choose).
         The faster in context is chosen, on any CPU and ISA; returns (choice, whether the rounds agreed: see
         decide).
         """
