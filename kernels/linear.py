@@ -22,13 +22,13 @@ _PACKABLE = (np.dtype(np.float32),)  # Numba has no float16 arithmetic: those go
 # a 1-row GEMM time 1.5 ms on Numba against its idle 0.23 ms, and BLAS was chosen and stored.)
 AUTO_SETTLE_SECONDS = 0.3
 # A BLAS win for a shape whose Numba time is at least AUTO_CONFIRM_MIN_SECONDS is timed once more after this pause
-# before it counts: such a stored decision costs every later process that shape's Numba speed (ViT-B's 197-row
-# projections: 2-4x), and another program holding a core for a moment makes the Numba GEMM, whose parallel region
-# waits for a preempted thread, 3-4x slower while BLAS loses about 10%: two back-to-back rounds can then agree on
-# BLAS (a table-2 benchmark run stored BLAS for ViT-B's 197x768x768 after timing Numba at 7.4 ms there, against its
-# 1.9 ms, and auto then took 2.2x ORT's time).  Shorter shapes skip it: a small model's first run would otherwise
-# wait out a pause per shape (`vitnp classify --model bundled:digits`, empty store: 0.75 s, and 11-12 s with a
-# 1 s pause for its 10 BLAS wins, all under 0.03 ms).
+# before it counts.  Such a stored decision costs every later process that shape's Numba speed (one wrong 197-row
+# decision made a whole ViT-B forward pass 2.5x slower), and another program holding a core makes the Numba GEMM,
+# whose parallel region waits for a preempted thread, 3-4x slower while BLAS loses about 10%: two back-to-back
+# rounds can then agree on BLAS (a table-2 benchmark run stored BLAS for ViT-B's 197x768x768 after timing Numba at
+# 7.4 ms there, against its 1.9 ms).  Shorter shapes skip it: a small model's first run would otherwise wait out a
+# pause per shape (`vitnp classify --model bundled:digits`, empty store: 0.75 s, and 11-12 s with a 1 s pause for
+# its 10 BLAS wins, all under 0.03 ms).
 AUTO_CONFIRM_PAUSE_SECONDS = 0.5
 AUTO_CONFIRM_MIN_SECONDS = 1e-3
 
