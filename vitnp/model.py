@@ -56,17 +56,19 @@ def tokens_of(rows: np.ndarray, batch: int) -> np.ndarray:
     return rows.reshape(batch, -1, rows.shape[1])
 
 
-def project_prefix_queries(qkv_layer, normed, prefix_normed, qkv, prefix_qkv, batch: int) -> None:
-    """qkv = normed @ W_qkv^T + b, except that queries are computed for the prefix tokens (prefix_normed,
-    image-major) only: keys and values of every token, in one call over a column range, then the prefix
-    rows' queries (a range must start on a whole panel of the packed weight; where D does not, all of it)."""
+def project_prefix_queries(qkv_layer, normed, qkv, prefix_normed, prefix_qkv, batch: int) -> None:
+    """qkv = normed @ W_qkv^T + b, except that queries are computed for the prefix tokens only: keys and values
+    of every token, in one call over a column range, then the prefix rows' queries from their rows of normed
+    gathered into prefix_normed (B * npre rows, image-major; prefix_qkv the same rows).  A range must start on a
+    whole panel of the packed weight; where D does not, all of qkv is computed."""
     D = normed.shape[1]
     if D % qkv_layer.column_step:
         qkv_layer(normed, qkv)
         return
+    npre = prefix_normed.shape[0] // batch
+    tokens_of(prefix_normed, batch)[...] = tokens_of(normed, batch)[:, :npre]
     qkv_layer(normed, qkv, columns=(D, 3 * D))
     qkv_layer(prefix_normed, prefix_qkv, columns=(0, D))
-    npre = prefix_normed.shape[0] // batch
     tokens_of(qkv, batch)[:, :npre, :D] = tokens_of(prefix_qkv, batch)[:, :, :D]
 
 
@@ -83,7 +85,7 @@ def forward(w: ViTWeights, cfg: ViTConfig, pixel_values: np.ndarray, ws: Workspa
     # Embeddings: [CLS] (+ distillation) tokens, then the patch projection, each plus its position embedding.
     patches = ws.patches[: B * P]
     patchify(pixel_values, cfg.patch_size, patches)
-    tokens = hidden.reshape(B, T, D)
+    tokens = tokens_of(hidden, B)
     projected = normed[: B * P]
     w.patch_embed(patches, projected)
     np.add(projected.reshape(B, P, D), w.patch_pos_embed, out=tokens[:, npre:])
@@ -99,12 +101,10 @@ def forward(w: ViTWeights, cfg: ViTConfig, pixel_values: np.ndarray, ws: Workspa
             # keys and values, but it needs only their queries, and from there on every op is per token: run
             # it all on those B * npre rows alone (the same logits; 6.9% of ViT-B's work skipped).
             n = B * npre
-            prefix_normed = ws.prefix_normed[:n]
-            prefix_normed.reshape(B, npre, D)[...] = tokens_of(normed, B)[:, :npre]
-            project_prefix_queries(layer.qkv, normed, prefix_normed, qkv, ws.prefix_qkv[:n], B)
-            hidden, normed = ws.prefix_hidden[:n], prefix_normed
+            project_prefix_queries(layer.qkv, normed, qkv, ws.prefix_normed[:n], ws.prefix_qkv[:n], B)
+            hidden, normed = ws.prefix_hidden[:n], ws.prefix_normed[:n]
             context, mlp = ws.prefix_context[:n], ws.prefix_mlp[:n]
-            hidden.reshape(B, npre, D)[...] = tokens[:, :npre]
+            tokens_of(hidden, B)[...] = tokens[:, :npre]
         queries = hidden.shape[0] // B
         attention(qkv.reshape(B, T, 3 * D), context.reshape(B, queries, D), cfg.num_attention_heads)
         layer.attn_out(context, hidden, epilogue="add")
@@ -114,7 +114,7 @@ def forward(w: ViTWeights, cfg: ViTConfig, pixel_values: np.ndarray, ws: Workspa
 
     # The heads take the prefix tokens, one kind at a time; layernorm is per token: normalise just those.
     pooled = ws.pooled[: npre * B]
-    pooled.reshape(npre, B, D)[...] = hidden.reshape(B, -1, D)[:, :npre].transpose(1, 0, 2)
+    pooled.reshape(npre, B, D)[...] = tokens_of(hidden, B)[:, :npre].transpose(1, 0, 2)
     layernorm(pooled, w.final_ln_weight, w.final_ln_bias, eps, pooled)
     pooled = pooled.reshape(npre, B, D)
     head_out = ws.head_out[:B]
