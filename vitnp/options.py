@@ -1,0 +1,132 @@
+"""The settings values every entry point shares: engine options and serving options, each validated once.
+
+The library (`vitnp.load`), the CLI, the server and Ray all build one of these and pass it on; a default or a
+rule about which combinations make sense is written here and nowhere else.  Invalid values raise
+ParameterError with a message that names the option.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from .errors import ParameterError
+
+BACKENDS = ("auto", "numba", "blas")
+PRECISIONS = ("fp32", "bf16", "int8")
+# The kernels' ISA classes (vitnp.kernels.isa.ISAS; repeated here so that validating options never loads the
+# kernels). "auto" is the widest the host runs.
+ISAS = ("auto", "avx512", "avx2", "generic")
+# The GEMM backend decides only float32 layers; under int8 every projection is an int8 GEMM.
+FLOAT32_LAYERS = {"fp32": "all", "bf16": "heads", "int8": "none"}
+
+
+def _positive_int(name: str, value, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ParameterError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _non_negative_int(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ParameterError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _number(name: str, value, positive: bool, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or (positive and value == 0):
+        kind = "positive" if positive else "non-negative"
+        raise ParameterError(f"{name} must be a finite {kind} number, got {value!r}")
+    return float(value)
+
+
+def _choice(name: str, value, choices: tuple):
+    if value not in choices:
+        raise ParameterError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine computes: GEMM backend, weight precision, compute threads, kernel ISA.
+
+    backend: "auto" (time Numba and BLAS per layer shape on first use, keep the faster), "numba" or "blas";
+        it applies to float32 layers only, so with precision "int8" (no float32 layer) it must stay "auto".
+    precision: "fp32" (parity with transformers), "bf16" or "int8" (docs/precision.md).
+    threads: compute threads per forward pass (None: Numba's default, all cores or NUMBA_NUM_THREADS).
+    isa: "auto" (the widest the CPU runs) or a narrower class; the same as VITNP_ISA, which it sets when the
+        kernels have not been loaded yet in this process.
+    """
+
+    backend: str = "auto"
+    precision: str = "fp32"
+    threads: int | None = None
+    isa: str = "auto"
+
+    def __post_init__(self):
+        _choice("backend", self.backend, BACKENDS)
+        _choice("precision", self.precision, PRECISIONS)
+        _positive_int("threads", self.threads, allow_none=True)
+        _choice("isa", self.isa, ISAS)
+        if FLOAT32_LAYERS[self.precision] == "none" and self.backend != "auto":
+            raise ParameterError(
+                f"backend {self.backend!r} has no effect with precision {self.precision!r}: every layer runs the "
+                f"{self.precision} GEMM (leave the backend at auto)")
+
+    def with_fixed_layout(self) -> EngineOptions:
+        """The same options with a backend whose weight layout never changes after loading ("auto" may re-lay a
+        layer out on its first timed decision): what weights shared read-only between processes need.  Numba is
+        what auto picks on ViT shapes."""
+        if self.backend != "auto" or FLOAT32_LAYERS[self.precision] == "none":
+            return self
+        return EngineOptions("numba", self.precision, self.threads, self.isa)
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How the server batches, queues and limits requests (the same under `vitnp serve` and `--ray`)."""
+
+    max_batch_size: int = 8          # images per forward pass
+    max_wait_ms: float = 5.0         # how long a forward pass waits for its batch to fill
+    max_queue: int = 64              # images per model admitted but not yet computed; past it, 429
+    max_body_mb: float = 20.0        # largest request body
+    body_timeout: float = 30.0       # seconds a client may take to send its body
+    cache_size: int = 1024           # results kept in the LRU result cache (0: none)
+    decode_threads: int = 2          # threads decoding and preprocessing images
+    max_image_pixels: int | None = None  # largest width x height accepted (None: the decoder's default)
+    graceful_timeout: float = 30.0   # on SIGTERM / Ctrl-C, seconds in-flight requests get to finish
+    warmup: bool = True              # compile and touch every batch size's buffers before serving
+
+    def __post_init__(self):
+        _positive_int("max_batch_size", self.max_batch_size)
+        _number("max_wait_ms", self.max_wait_ms, positive=False)
+        _positive_int("max_queue", self.max_queue)
+        _number("max_body_mb", self.max_body_mb, positive=True)
+        _number("body_timeout", self.body_timeout, positive=True)
+        _non_negative_int("cache_size", self.cache_size)
+        _positive_int("decode_threads", self.decode_threads)
+        _positive_int("max_image_pixels", self.max_image_pixels, allow_none=True)
+        _number("graceful_timeout", self.graceful_timeout, positive=True)
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def warmup_batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes a served model is warmed up for: a lone request, and a full batch."""
+        return (1, self.max_batch_size) if self.max_batch_size > 1 else (1,)
+
+
+def defaults(options_class) -> dict:
+    """{field name: default} of a settings class: what the command-line parsers show and start from."""
+    return {f.name: f.default for f in fields(options_class)}
