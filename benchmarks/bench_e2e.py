@@ -1,4 +1,4 @@
-"""End-to-end logits latency: vitnp (each GEMM backend) vs PyTorch eager, ONNX Runtime and naive NumPy.
+"""End-to-end logits latency: vitnp (each GEMM backend) vs PyTorch eager, ONNX Runtime, OpenVINO and naive NumPy.
 
     python benchmarks/bench_e2e.py                        # full run: batch 1 and 8, all systems
     python benchmarks/bench_e2e.py --quick                # a short run while developing
@@ -19,6 +19,10 @@ Systems, all in this one process and all given the same number of threads (--thr
   vitnp-int8 / vitnp-bf16   vitnp.load(dir, precision="int8" / "bf16") (numba GEMM; docs/precision.md)
   ort-int8     ONNX Runtime on the same export quantised by quantize_dynamic(per_channel=True, QInt8 weights)
                (benchmarks/ort_quant.py; cached next to the fp32 export)
+  openvino-fp32 / openvino-default   OpenVINO's CPU plugin on the same export: PERFORMANCE_HINT=LATENCY,
+               INFERENCE_NUM_THREADS=threads; fp32 sets INFERENCE_PRECISION_HINT=f32, default leaves the precision
+               to OpenVINO (bf16 on CPUs with AMX or AVX512_BF16) and records what it picked.  OpenVINO has no ISA
+               switch: under --isa it runs the host's ISA and its rows say so.
 
 Method: for each batch size every system is called once (the first-call time is recorded: for vitnp it includes
 loading the Numba cache, or compiling when the cache is cold) and warmed up, then the timed repetitions run
@@ -26,10 +30,11 @@ round-robin (rep r calls every system once, in an order rotated by r), with a 50
 a wait (at most 1 s) until no other thread of the process is running, so one system's spinning thread pool (OpenBLAS
 workers spin ~100 ms after a call on a 2.6 GHz TSC) does not eat into the next one's time.  The pause is long because
 the cores stay slower for a while after a long run: a Numba forward pass 100 ms after a 230 ms BLAS one took
-4-7 ms (3-5%) longer than after another Numba one, and the same 0.5 s later it did not.  Reported: median ms per call and per image,
+4-7 ms (3-5%) longer than after another Numba one, and the same 0.5 s later it did not.  Reported: median and minimum ms per call, max/min, ms per image,
 GFLOP/s (ViT-B/16 forward = 35.1 GFLOP/img, see common.vit_forward_flops), latency relative to ONNX Runtime and
-speed-up over PyTorch eager, the largest logit difference from PyTorch, and PASS/FAIL lines for the targets
-(vitnp <= 0.9x ONNX Runtime latency at batch 1 and 8; >= 2.3x faster than PyTorch eager).  JIT compile time is
+speed-up over PyTorch eager, the largest logit difference from PyTorch (run untimed as the reference when torch
+is not among the systems) checked against LOGIT_TOLERANCE, a WARNING line for every row whose max/min exceeds
+common.NOISY_MAX_OVER_MIN, and PASS/FAIL lines for the targets (TARGET_* below).  JIT compile time is
 measured in child processes with a fresh NUMBA_CACHE_DIR (cold) and again with that cache filled (warm).
 
 OpenBLAS overrides: when OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set (they make numpy's OpenBLAS ~2x slower),
@@ -50,15 +55,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import ort_isa  # noqa: E402
 
 VITNP_SYSTEMS = ("vitnp-numba", "vitnp-blas", "vitnp-auto")
 PRECISION_SYSTEMS = ("vitnp-int8", "vitnp-bf16")
-ALL_SYSTEMS = (*VITNP_SYSTEMS, "torch", "ort", "naive-numpy", *PRECISION_SYSTEMS, "ort-int8")
+OPENVINO_SYSTEMS = ("openvino-fp32", "openvino-default")
+ALL_SYSTEMS = (*VITNP_SYSTEMS, "torch", "ort", "naive-numpy", *PRECISION_SYSTEMS, "ort-int8", *OPENVINO_SYSTEMS)
+TARGET_BF16_VS_FP32 = 1.0      # vitnp bf16 latency / vitnp fp32 (same numba GEMM) latency, at most
+TARGET_BF16_VS_OPENVINO_AMX = 0.8  # vitnp bf16 latency / OpenVINO default latency, at most, on CPUs with AMX
 TARGET_INT8_VS_ORT_INT8 = 0.9  # vitnp int8 latency / ORT int8 latency, at most
 TARGET_INT8_VS_ORT = 0.5       # vitnp int8 latency / ORT fp32 latency, at most
 TARGET_ORT_RATIO = 0.9       # vitnp latency / ONNX Runtime latency, at most (on every ISA)
 TARGET_TORCH_SPEEDUP = 2.3   # PyTorch eager latency / vitnp latency, at least
 SETTLE_LIMIT_S = 1.0         # after the pause, wait at most this long for the process's other threads to idle
+# Largest |logit - PyTorch's logit| a system may show, as a fraction of PyTorch's largest |logit|, by the
+# precision it computes in: float32 systems sum in another order; bf16 keeps 8 significant bits, int8 256 levels.
+LOGIT_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2, "int8": 1e-1}
 
 
 # -- systems ---------------------------------------------------------------------------------------------------
@@ -66,6 +78,7 @@ SETTLE_LIMIT_S = 1.0         # after the pause, wait at most this long for the p
 class System:
     name = ""
     label = ""
+    precision = "fp32"  # what it computes in, for LOGIT_TOLERANCE
 
     def setup(self, checkpoint: Path, threads: int) -> dict:
         """Load the model; returns details to record."""
@@ -81,6 +94,7 @@ class Vitnp(System):
         self.precision = precision
         self.name = f"vitnp-{backend}" if precision == "fp32" else f"vitnp-{precision}"
         self.label = f"vitnp ({backend} GEMM)" if precision == "fp32" else f"vitnp ({precision})"
+        self.precision = precision
 
     def setup(self, checkpoint, threads):
         import vitnp
@@ -163,6 +177,7 @@ class NaiveNumpy(System):
 class OnnxRuntimeInt8(OnnxRuntime):
     name = "ort-int8"
     label = "ONNX Runtime int8 (quantize_dynamic)"
+    precision = "int8"
 
     def setup(self, checkpoint, threads):
         import ort_quant
@@ -177,11 +192,73 @@ class OnnxRuntimeInt8(OnnxRuntime):
         return details
 
 
+class OpenVino(System):
+    """OpenVINO's CPU plugin on the ONNX export the ort systems use; precision_hint None: OpenVINO's own choice."""
+
+    GEMM_LAYERS = ("FullyConnected", "MatMul", "Convolution")
+    PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}  # OpenVINO's type names -> ours
+
+    def __init__(self, precision_hint: str | None):
+        self.precision_hint = precision_hint
+        self.name = "openvino-fp32" if precision_hint == "f32" else "openvino-default"
+        self.label = "OpenVINO fp32" if precision_hint == "f32" else "OpenVINO (its default precision)"
+
+    def setup(self, checkpoint, threads):
+        import os
+
+        import openvino as ov
+
+        details = export_onnx(checkpoint)
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        if self.precision_hint:
+            config["INFERENCE_PRECISION_HINT"] = self.precision_hint
+        # OpenVINO's oneDNN reads ONEDNN_MAX_CPU_ISA once, at its first compile, but the plugin's own nodes do not,
+        # and with it set to AVX2 the ViT fails to compile (no Softmax implementation); so OpenVINO always
+        # compiles for the host ISA, and the variable is back in place for PyTorch's oneDNN afterwards.
+        isa_cap = os.environ.pop("ONEDNN_MAX_CPU_ISA", None)
+        t0 = time.perf_counter()
+        try:
+            self.compiled = ov.Core().compile_model(details["path"], "CPU", config)
+        finally:
+            if isa_cap is not None:
+                os.environ["ONEDNN_MAX_CPU_ISA"] = isa_cap
+        self.request = self.compiled.create_infer_request()
+        self.output = self.compiled.output("logits")
+        picked = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.precision = self.PRECISIONS.get(picked, picked)
+        details.update(load_s=time.perf_counter() - t0, openvino=ov.__version__, config=config,
+                       inference_precision=picked, gemm_runtime_precisions=self.gemm_nodes("runtimePrecision"),
+                       isa="host" if os.environ.get(common.ISA_MARKER) else "native",
+                       num_streams=int(self.compiled.get_property("NUM_STREAMS")),
+                       inference_num_threads=int(self.compiled.get_property("INFERENCE_NUM_THREADS")))
+        return details
+
+    def __call__(self, pixel_values):
+        return self.request.infer({0: pixel_values})[self.output]
+
+    def gemm_nodes(self, key: str) -> dict:
+        """How many of the executed graph's GEMM-type nodes have each value of a runtime-info key."""
+        counts = {}
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            if info["layerType"].astype(str) in self.GEMM_LAYERS:
+                value = info[key].astype(str)
+                counts[value] = counts.get(value, 0) + 1
+        return counts
+
+    def details(self) -> dict:
+        """The kernels OpenVINO ran (known once every shape has run), e.g. brgemm_avx512_bf16."""
+        return {"gemm_primitives": self.gemm_nodes("primitiveType"),
+                "gemm_runtime_precisions": self.gemm_nodes("runtimePrecision")}
+
+
 def make_system(name: str) -> System:
     if name in VITNP_SYSTEMS:
         return Vitnp(name.split("-", 1)[1])
     if name in PRECISION_SYSTEMS:
         return Vitnp("numba", precision=name.split("-", 1)[1])
+    if name in OPENVINO_SYSTEMS:
+        return OpenVino("f32" if name == "openvino-fp32" else None)
     return {"torch": TorchEager, "ort": OnnxRuntime, "naive-numpy": NaiveNumpy, "ort-int8": OnnxRuntimeInt8}[name]()
 
 
@@ -302,7 +379,7 @@ def run(args) -> dict:
 
     info = common.machine_info()
     if any(name in ("ort", "ort-int8") for name in args.systems):
-        info["onnxruntime_mlas"] = common.onnxruntime_mlas()
+        info["onnxruntime_mlas"] = ort_isa.mlas_summary()
     common.print_machine(info)
     checkpoint = Path(args.checkpoint) if args.checkpoint else common.benchmark_checkpoint()
     config = common.read_config(checkpoint)
@@ -321,12 +398,21 @@ def run(args) -> dict:
         except Exception as e:
             missing[name] = f"{type(e).__name__}: {e}"
             print(f"  {name} unavailable: {missing[name]}", flush=True)
+    # Every system's logits are compared with PyTorch's; without torch among the systems it runs untimed.
+    reference_model = next((s for s in systems if s.name == "torch"), None)
+    if reference_model is None:
+        try:
+            reference_model = TorchEager()
+            reference_model.setup(checkpoint, args.threads)
+        except Exception as e:
+            reference_model = None
+            print(f"  no reference logits (PyTorch unavailable: {type(e).__name__}: {e})", flush=True)
     # BLAS pools as they are once everything is loaded (torch / ORT may bring their own).
     info["threadpools_after_setup"] = common.blas_libraries()
 
     rng = np.random.default_rng(0)
     shape = (config.get("num_channels", 3), config["image_size"], config["image_size"])
-    results = []
+    results, noise_warnings = [], []
     for batch in args.batch_sizes:
         x = rng.uniform(-1.0, 1.0, (batch, *shape)).astype(np.float32)
         first, outputs = {}, {}
@@ -340,6 +426,8 @@ def run(args) -> dict:
                 print(f"  {system.name} failed: {missing[system.name]}", flush=True)
                 systems.remove(system)
         reference = outputs.get("torch")
+        if reference is None and reference_model is not None:
+            reference = reference_model(x)
         from vitnp.kernels.linear import settle  # here, not at the top: vitnp's pool settings stay as set up
 
         times = {s.name: [] for s in systems}
@@ -357,25 +445,39 @@ def run(args) -> dict:
         for system in systems:
             t = times[system.name]
             median = statistics.median(t)
+            diff = float(np.abs(outputs[system.name] - reference).max()) if reference is not None else None
+            scale = float(np.abs(reference).max()) if reference is not None else None
             row = {
                 "batch": batch, "system": system.name, "label": system.label, "reps": len(t),
+                "precision": system.precision, "isa": setup[system.name].get("isa", "native"),
                 "median_ms": median * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
+                "max_over_min": common.spread(t)["max_over_min"],
                 "ms_per_img": median * 1e3 / batch, "img_per_s": batch / median,
                 "gflops": flops / median / 1e9, "gflops_best": flops / min(t) / 1e9,
                 "first_call_ms": first[system.name] * 1e3,
                 "times_ms": [round(v * 1e3, 3) for v in t],
-                "max_abs_diff_vs_torch": (float(np.abs(outputs[system.name] - reference).max())
-                                          if reference is not None else None),
+                "max_abs_diff_vs_torch": diff,
+                "logit_tolerance": (LOGIT_TOLERANCE[system.precision] * scale if reference is not None else None),
             }
+            row["logits_ok"] = diff <= row["logit_tolerance"] if reference is not None else None
             rows[system.name] = row
         for row in rows.values():
             ort_row, torch_row = rows.get("ort"), rows.get("torch")
             row["latency_vs_ort"] = row["median_ms"] / ort_row["median_ms"] if ort_row else None
             row["speedup_vs_torch"] = torch_row["median_ms"] / row["median_ms"] if torch_row else None
-            ort_int8_row = rows.get("ort-int8")
-            row["latency_vs_ort_int8"] = row["median_ms"] / ort_int8_row["median_ms"] if ort_int8_row else None
+            for key, other in (("latency_vs_ort_int8", "ort-int8"), ("latency_vs_openvino_default", "openvino-default"),
+                               ("latency_vs_vitnp_numba", "vitnp-numba")):
+                row[key] = row["median_ms"] / rows[other]["median_ms"] if other in rows else None
             results.append(row)
         print_batch_table(batch, flops / batch, list(rows.values()))
+        for row in rows.values():
+            if row["logits_ok"] is False:
+                print(f"LOGITS OFF  {row['system']} batch {batch}: max|diff| vs torch {row['max_abs_diff_vs_torch']:.2e}"
+                      f" > {row['logit_tolerance']:.2e} ({row['precision']} tolerance)", flush=True)
+            warning = common.warn_if_noisy(f"{row['system']} batch {batch}",
+                                           [v * 1e3 for v in times[row["system"]]], unit="ms")
+            if warning:
+                noise_warnings.append(warning)
 
     jit = {}
     jit_backends = [b for b in args.cold_jit if f"vitnp-{b}" in [s.name for s in systems]]
@@ -383,8 +485,7 @@ def run(args) -> dict:
         print("JIT compile time (child processes, batch 1):", flush=True)
         jit = measure_jit(checkpoint, jit_backends, args.threads)
 
-    details = {s.name: s.details() for s in systems if hasattr(s, "details")}
-    targets = evaluate_targets(results)
+    targets = evaluate_targets(results, amx=any(f.startswith("amx") for f in info["cpu_flags"]))
     return {
         "benchmark": "e2e",
         "machine": info,
@@ -396,53 +497,69 @@ def run(args) -> dict:
         "setup": setup,
         "missing": missing,
         "results": results,
+        "noise_warnings": noise_warnings,
         "jit": jit,
-        "vitnp_backends": details,
+        "vitnp_backends": {s.name: s.details() for s in systems if isinstance(s, Vitnp)},
+        "openvino_graphs": {s.name: s.details() for s in systems if isinstance(s, OpenVino)},
         "targets": targets,
     }
 
 
 def print_batch_table(batch: int, gflop_per_img: float, rows: list[dict]) -> None:
-    headers = ["system", "median ms", "ms/img", "img/s", "GFLOP/s", "min..max ms", "vs ORT", "vs ORT int8",
-               "vs torch", "first call ms", "max|diff| vs torch"]
+    headers = ["system", "precision", "median ms", "min ms", "max/min", "ms/img", "img/s", "GFLOP/s", "vs ORT",
+               "vs ORT int8", "vs OV default", "vs torch", "first call ms", "max|diff| vs torch"]
+
+    def ratio(value, suffix="x"):
+        return f"{value:.2f}{suffix}" if value else "-"
+
     table = []
     for r in rows:
+        diff = r["max_abs_diff_vs_torch"]
         table.append([
-            r["system"], f"{r['median_ms']:.1f}", f"{r['ms_per_img']:.1f}", f"{r['img_per_s']:.2f}",
-            f"{r['gflops']:.1f}", f"{r['min_ms']:.0f}..{r['max_ms']:.0f}",
-            f"{r['latency_vs_ort']:.2f}x" if r["latency_vs_ort"] else "-",
-            f"{r['latency_vs_ort_int8']:.2f}x" if r.get("latency_vs_ort_int8") else "-",
-            f"{r['speedup_vs_torch']:.2f}x faster" if r["speedup_vs_torch"] else "-",
-            f"{r['first_call_ms']:.0f}",
-            f"{r['max_abs_diff_vs_torch']:.1e}" if r["max_abs_diff_vs_torch"] is not None else "-",
+            r["system"] + (" [host ISA]" if r["isa"] == "host" else ""), r["precision"],
+            f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['max_over_min']:.2f}", f"{r['ms_per_img']:.1f}",
+            f"{r['img_per_s']:.2f}", f"{r['gflops']:.1f}", ratio(r["latency_vs_ort"]),
+            ratio(r["latency_vs_ort_int8"]), ratio(r["latency_vs_openvino_default"]),
+            ratio(r["speedup_vs_torch"], "x faster"), f"{r['first_call_ms']:.0f}",
+            "-" if diff is None else f"{diff:.1e}" + ("" if r["logits_ok"] else " OFF"),
         ])
-    print(f"\nbatch {batch} ({gflop_per_img / 1e9:.2f} GFLOP/img; 'vs ORT' = latency / ORT latency, "
+    print(f"\nbatch {batch} ({gflop_per_img / 1e9:.2f} GFLOP/img; ratios of medians: 'vs X' = latency / X's latency, "
           f"'vs torch' = torch latency / latency)")
     print(common.format_table(headers, table), flush=True)
 
 
-def evaluate_targets(results: list[dict]) -> list[dict]:
+def evaluate_targets(results: list[dict], amx: bool) -> list[dict]:
+    """PASS/FAIL per vitnp row and target whose comparison system ran (bf16 vs OpenVINO only on AMX CPUs)."""
+    checks = [  # (metric, row key, which vitnp systems, bound, at most?)
+        ("latency_vs_ort", "latency_vs_ort", None, TARGET_ORT_RATIO, True),
+        ("latency_vs_ort_int8", "latency_vs_ort_int8", ("vitnp-int8",), TARGET_INT8_VS_ORT_INT8, True),
+        ("int8_latency_vs_ort", "latency_vs_ort", ("vitnp-int8",), TARGET_INT8_VS_ORT, True),
+        ("bf16_latency_vs_fp32", "latency_vs_vitnp_numba", ("vitnp-bf16",), TARGET_BF16_VS_FP32, True),
+        ("speedup_vs_torch", "speedup_vs_torch", None, TARGET_TORCH_SPEEDUP, False),
+    ]
+    if amx:
+        checks.insert(4, ("bf16_latency_vs_openvino_default", "latency_vs_openvino_default", ("vitnp-bf16",),
+                          TARGET_BF16_VS_OPENVINO_AMX, True))
     targets = []
     for row in results:
         if not row["system"].startswith("vitnp-"):
             continue
-        if row["latency_vs_ort"] is not None:
-            targets.append({"system": row["system"], "batch": row["batch"], "metric": "latency_vs_ort",
-                            "value": row["latency_vs_ort"], "target": f"<= {TARGET_ORT_RATIO}",
-                            "pass": row["latency_vs_ort"] <= TARGET_ORT_RATIO})
-        if row["system"] == "vitnp-int8" and row.get("latency_vs_ort_int8") is not None:
-            targets.append({"system": row["system"], "batch": row["batch"], "metric": "latency_vs_ort_int8",
-                            "value": row["latency_vs_ort_int8"], "target": f"<= {TARGET_INT8_VS_ORT_INT8}",
-                            "pass": row["latency_vs_ort_int8"] <= TARGET_INT8_VS_ORT_INT8})
-        if row["system"] == "vitnp-int8" and row["latency_vs_ort"] is not None:
-            targets.append({"system": row["system"], "batch": row["batch"], "metric": "int8_latency_vs_ort",
-                            "value": row["latency_vs_ort"], "target": f"<= {TARGET_INT8_VS_ORT}",
-                            "pass": row["latency_vs_ort"] <= TARGET_INT8_VS_ORT})
-        if row["speedup_vs_torch"] is not None:
-            targets.append({"system": row["system"], "batch": row["batch"], "metric": "speedup_vs_torch",
-                            "value": row["speedup_vs_torch"], "target": f">= {TARGET_TORCH_SPEEDUP}",
-                            "pass": row["speedup_vs_torch"] >= TARGET_TORCH_SPEEDUP})
+        for metric, key, only, bound, at_most in checks:
+            value = row.get(key)
+            if value is None or (only and row["system"] not in only):
+                continue
+            targets.append({"system": row["system"], "batch": row["batch"], "metric": metric, "value": value,
+                            "target": f"{'<=' if at_most else '>='} {bound}",
+                            "pass": value <= bound if at_most else value >= bound})
     return targets
+
+
+TARGET_WORDS = {"latency_vs_ort": "latency / ONNX Runtime latency",
+                "int8_latency_vs_ort": "latency / ONNX Runtime (fp32) latency",
+                "latency_vs_ort_int8": "latency / ONNX Runtime int8 latency",
+                "bf16_latency_vs_fp32": "latency / vitnp-numba (fp32) latency",
+                "bf16_latency_vs_openvino_default": "latency / OpenVINO default latency",
+                "speedup_vs_torch": "speed-up over PyTorch eager"}
 
 
 def print_targets(targets: list[dict]) -> None:
@@ -451,12 +568,8 @@ def print_targets(targets: list[dict]) -> None:
         return
     print("\ntargets:")
     for t in targets:
-        what = {"latency_vs_ort": "latency / ONNX Runtime latency",
-                "int8_latency_vs_ort": "latency / ONNX Runtime (fp32) latency",
-                "latency_vs_ort_int8": "latency / ONNX Runtime int8 latency"}.get(t["metric"],
-                                                                               "speed-up over PyTorch eager")
         print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['system']:<12s} batch {t['batch']:<2d} "
-              f"{what}: {t['value']:.2f}x (target {t['target']}x)")
+              f"{TARGET_WORDS[t['metric']]}: {t['value']:.2f}x (target {t['target']}x)")
 
 
 def plot(data: dict, path: Path) -> None:
@@ -536,7 +649,7 @@ def _backend_list(text: str) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    common.reexec_without_blas_overrides(args.no_reexec, args.isa)
+    common.reexec_without_blas_overrides(args.no_reexec, args.isa, path_entries=ort_isa.path_entries)
     data = run(args)
     print_targets(data["targets"])
     if data["missing"]:

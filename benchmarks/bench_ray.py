@@ -312,7 +312,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     common.reexec_without_blas_overrides(args.no_reexec)
     args.machine = common.machine_info()
-    args.machine["versions"]["ray"] = common._version("ray")
+    args.machine["versions"]["ray"] = common.package_version("ray")
     common.print_machine(args.machine)
     data = run(args)
     print_report(data)

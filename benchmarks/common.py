@@ -9,6 +9,10 @@
 - `machine_info()`: CPU, cores, library versions and the BLAS library threadpoolctl sees.
 - `vit_forward_flops()`: the multiply-add count of one ViT forward pass (x2), for GFLOP/s.
 - `bar_chart()`: a PNG with matplotlib, skipped with a note when matplotlib is absent (it is the `bench` extra).
+- `spread()` / `warn_if_noisy()`: median, minimum and max/min of repeated timings, and the warning line a row gets
+  when its max/min exceeds NOISY_MAX_OVER_MIN.
+
+This module imports no other benchmark module; the ones that need it import it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,9 +49,7 @@ def clean_env(extra: dict | None = None) -> dict:
 
 
 # Running as a CPU of a narrower ISA would run it: vitnp's kernels generated for that CPU class (VITNP_ISA),
-# OpenBLAS on its kernel for such a CPU, PyTorch's ATen, MKL and oneDNN kernels capped at that ISA.  ONNX Runtime picks its
-# kernels from CPUID at run time and has no switch; for avx2 the child imports a copy of it whose AVX-512 and
-# AVX-VNNI branches are patched out (ort_isa.py), and for generic it keeps the host's widest kernels.
+# OpenBLAS on its kernel for such a CPU, PyTorch's ATen, MKL and oneDNN kernels capped at that ISA.
 ISA_EMULATION = {
     "avx2": {"VITNP_ISA": "avx2", "OPENBLAS_CORETYPE": "Haswell", "ATEN_CPU_CAPABILITY": "avx2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
@@ -54,25 +57,31 @@ ISA_EMULATION = {
                 "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"},
 }
 ISA_MARKER = "VITNP_BENCH_EMULATED_ISA"
-ORT_LIMITED = ("avx2",)  # ISAs ort_isa.py can limit ONNX Runtime to
+# What an emulated ISA leaves at the host's widest kernels.  ONNX Runtime picks its kernels from CPUID and has no
+# switch: for avx2 ort_isa.py patches a copy of it, for generic nothing does.  OpenVINO has no CPU property for
+# the ISA either, and under ONEDNN_MAX_CPU_ISA its CPU plugin fails to compile a ViT (no Softmax
+# implementation), so it always compiles with that variable removed (bench_e2e.OpenVino) and runs the host ISA.
+NOT_EMULATED = {"avx2": ["openvino"], "generic": ["onnxruntime", "openvino"]}
 
 
 def not_emulated(isa: str) -> list[str]:
-    return [] if isa in ORT_LIMITED else ["onnxruntime"]
+    return NOT_EMULATED.get(isa, [])
 
 
 def add_isa_argument(parser) -> None:
     parser.add_argument("--isa", choices=("native", *ISA_EMULATION), default="native",
                         help="run as a CPU of this ISA would: vitnp's kernels for it (VITNP_ISA), OpenBLAS and "
-                             "PyTorch limited to it, ONNX Runtime too for avx2 (a patched copy, ort_isa.py; "
-                             "default: native)")
+                             "PyTorch limited to it, ONNX Runtime too for avx2 (a patched copy, ort_isa.py); "
+                             "OpenVINO keeps the host ISA (default: native)")
 
 
-def reexec_without_blas_overrides(no_reexec: bool, isa: str = "native") -> None:
+def reexec_without_blas_overrides(no_reexec: bool, isa: str = "native", path_entries=None) -> None:
     """Re-run this script in a child without the OpenBLAS overrides (and, with isa, set up to run as a CPU of
     that ISA would), then exit with the child's status.
 
-    Does nothing inside the child itself, or when neither is needed; --no-reexec keeps the overrides.
+    path_entries(isa) -> list of directories to put first on the child's PYTHONPATH (ort_isa.path_entries gives
+    the AVX2 copy of ONNX Runtime).  Does nothing inside the child itself, or when neither is needed;
+    --no-reexec keeps the overrides.
     """
     if os.environ.get(REEXEC_MARKER) is not None:
         return
@@ -89,15 +98,9 @@ def reexec_without_blas_overrides(no_reexec: bool, isa: str = "native") -> None:
               + (f" (not possible for: {', '.join(skipped)})" if skipped else ""), flush=True)
         extra.update(emulation)
         extra[ISA_MARKER] = isa
-        if isa in ORT_LIMITED and _version("onnxruntime"):
-            import ort_isa
-
-            try:
-                copy = ort_isa.avx2_copy(default_cache_dir())
-            except ort_isa.OrtPatchError as exc:
-                sys.exit(f"error: {exc}")
-            print(f"[bench] ONNX Runtime limited to AVX2: {copy}", flush=True)
-            extra["PYTHONPATH"] = os.pathsep.join(filter(None, [str(copy), os.environ.get("PYTHONPATH")]))
+        entries = [str(p) for p in (path_entries(isa) if path_entries else [])]
+        if entries:
+            extra["PYTHONPATH"] = os.pathsep.join(filter(None, [*entries, os.environ.get("PYTHONPATH")]))
     env = clean_env(extra) if present else {**os.environ, **extra}
     status = subprocess.call([sys.executable, *sys.argv], env=env)
     sys.exit(status)
@@ -132,21 +135,6 @@ def isa_info() -> dict:
     return info
 
 
-def onnxruntime_mlas() -> dict | None:
-    """Which onnxruntime this process's children import and how wide its MLAS kernels are (None without ORT).
-    A child process that builds a session: the scripts that run ONNX Runtime add it to their machine info."""
-    if not _version("onnxruntime"):
-        return None
-    import ort_isa
-
-    try:
-        lanes, package = ort_isa.mlas_vector_width()
-    except (ort_isa.OrtPatchError, OSError, subprocess.SubprocessError) as exc:
-        return {"error": str(exc)}
-    return {"package": package, "float_lanes": lanes,
-            "isa": {16: "avx512", 8: "avx2 or avx"}.get(lanes, "sse or other")}
-
-
 # -- machine ---------------------------------------------------------------------------------------------------
 
 def cpu_model() -> str:
@@ -159,7 +147,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(module: str) -> str | None:
+def package_version(module: str) -> str | None:
     try:
         from importlib.metadata import version
 
@@ -219,8 +207,8 @@ def machine_info() -> dict:
         "load_average_at_start": load,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {name: _version(name) for name in
-                     ("numpy", "numba", "vitnp", "torch", "transformers", "onnxruntime", "onnx", "onnxscript",
+        "versions": {name: package_version(name) for name in
+                     ("numpy", "numba", "vitnp", "torch", "transformers", "onnxruntime", "openvino", "onnx", "onnxscript",
                       "safetensors", "threadpoolctl")},
         "vitnp_source": vitnp_source(),
         "openblas_overrides": blas_override_note(),
@@ -321,6 +309,29 @@ def write_json(path: Path, data: dict) -> None:
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     tmp.replace(path)
     print(f"wrote {path}")
+
+
+# A row whose slowest repetition took more than this times its fastest was measured on a disturbed machine: its
+# median is suspect, its minimum (the run least disturbed) is the better figure to compare.
+NOISY_MAX_OVER_MIN = 1.5
+
+
+def spread(times: list[float]) -> dict:
+    """Median, minimum, maximum and max/min of repeated timings (in their own unit)."""
+    lo, hi = min(times), max(times)
+    return {"median": statistics.median(times), "min": lo, "max": hi, "reps": len(times),
+            "max_over_min": hi / lo if lo > 0 else float("inf")}
+
+
+def warn_if_noisy(what: str, times: list[float], unit: str = "s") -> dict | None:
+    """Print a warning line and return its record when the timings' max/min exceeds NOISY_MAX_OVER_MIN."""
+    s = spread(times)
+    if s["max_over_min"] <= NOISY_MAX_OVER_MIN:
+        return None
+    print(f"WARNING: {what}: max/min {s['max_over_min']:.2f} > {NOISY_MAX_OVER_MIN} over {s['reps']} reps "
+          f"(min {s['min']:.4g}, median {s['median']:.4g}, max {s['max']:.4g} {unit}): the machine was busy; "
+          f"compare minima", flush=True)
+    return {"what": what, "unit": unit, **s}
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:

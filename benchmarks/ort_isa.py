@@ -21,6 +21,9 @@ than guessed at.
 of the kernels it chose (16 for AVX-512, 8 for AVX2), and ONNX Runtime writes it into the weights of a
 convolution it optimises.
 
+`path_entries(isa)` is what a script hands to common.reexec_without_blas_overrides so that its `--isa avx2` child
+imports the copy; `mlas_summary()` is what it records about the ONNX Runtime it imports.
+
     python benchmarks/ort_isa.py          # build (or reuse) the AVX2 copy and print both libraries' widths
 """
 
@@ -32,6 +35,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+LIMITED = ("avx2",)  # the ISAs this module can limit ONNX Runtime to
 
 # test $0x10000, r32 (REX.B optional; ModRM 0xc0-0xc7 = register direct, /0) ; je rel8 | je rel32 ;
 # then, within 12 bytes, test $0xe0, %al
@@ -140,10 +148,32 @@ def mlas_vector_width(path_entry: Path | None = None) -> tuple[int, str]:
     return int(lanes), package
 
 
-def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import common
+def path_entries(isa: str) -> list[Path]:
+    """Directories to put first on an `--isa` child's sys.path: the AVX2 copy for avx2 (built here, once), else
+    none.  Exits with a message when this onnxruntime build cannot be patched."""
+    if isa not in LIMITED or not common.package_version("onnxruntime"):
+        return []
+    try:
+        copy = avx2_copy(common.default_cache_dir())
+    except OrtPatchError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"[bench] ONNX Runtime limited to AVX2: {copy}", flush=True)
+    return [copy]
 
+
+def mlas_summary() -> dict | None:
+    """Which onnxruntime this process's children import and how wide its MLAS kernels are (None without ORT)."""
+    if not common.package_version("onnxruntime"):
+        return None
+    try:
+        lanes, package = mlas_vector_width()
+    except (OrtPatchError, OSError, subprocess.SubprocessError) as exc:
+        return {"error": str(exc)}
+    return {"package": package, "float_lanes": lanes,
+            "isa": {16: "avx512", 8: "avx2 or avx"}.get(lanes, "sse or other")}
+
+
+def main() -> int:
     try:
         copy = avx2_copy(common.default_cache_dir())
         for label, entry in (("installed", None), ("AVX2 copy", copy)):
