@@ -470,14 +470,13 @@ def run(args) -> dict:
                 row[key] = row["median_ms"] / rows[other]["median_ms"] if other in rows else None
             results.append(row)
         print_batch_table(batch, flops / batch, list(rows.values()))
+        noise_warnings += common.print_noise_warnings([
+            common.noise_record(f"{name} batch {batch}", [v * 1e3 for v in t], unit="ms") for name, t in times.items()])
         for row in rows.values():
             if row["logits_ok"] is False:
-                print(f"LOGITS OFF  {row['system']} batch {batch}: max|diff| vs torch {row['max_abs_diff_vs_torch']:.2e}"
-                      f" > {row['logit_tolerance']:.2e} ({row['precision']} tolerance)", flush=True)
-            warning = common.warn_if_noisy(f"{row['system']} batch {batch}",
-                                           [v * 1e3 for v in times[row["system"]]], unit="ms")
-            if warning:
-                noise_warnings.append(warning)
+                print(f"LOGITS OFF  {row['system']} batch {batch}: max|diff| vs torch "
+                      f"{row['max_abs_diff_vs_torch']:.2e} > {row['logit_tolerance']:.2e} ({row['precision']} "
+                      f"tolerance)", flush=True)
 
     jit = {}
     jit_backends = [b for b in args.cold_jit if f"vitnp-{b}" in [s.name for s in systems]]

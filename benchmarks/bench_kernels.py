@@ -5,7 +5,8 @@ Run:
     python benchmarks/bench_kernels.py --isa avx2   # as an AVX2-only CPU runs it (vitnp and OpenBLAS)
 The script re-runs itself without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (they pin OpenBLAS to a slower kernel).
 Writes benchmarks/results/kernels.json.  The machine is shared, so every number is the median of
-several timed repetitions, and the spread (min..max) is recorded next to it.
+several timed repetitions, the minimum is printed and recorded beside it, and a measurement whose max/min
+exceeds common.NOISY_MAX_OVER_MIN gets a WARNING line (and a record under "noise_warnings").
 """
 import argparse
 import json
@@ -28,16 +29,18 @@ GEMM_SHAPES = [("qkv", 768, 2304), ("attn_out", 768, 768), ("fc1", 768, 3072), (
 
 
 CLOCK = time.perf_counter  # switched to time.thread_time for --threads 1 (robust to preemption)
+NOISE_WARNINGS = []  # common.noise_record records of this run, written to the JSON
 
 
-def timed(fn, reps):
-    """Median, min and max time of fn() over `reps` runs (after one warm-up call)."""
+def timed(fn, reps, what):
+    """Median, min and max time of fn() over `reps` runs (after one warm-up call); warns when they spread."""
     fn()
     times = []
     for _ in range(reps):
         start = CLOCK()
         fn()
         times.append(CLOCK() - start)
+    NOISE_WARNINGS.extend(common.print_noise_warnings([common.noise_record(what, [t * 1e3 for t in times], "ms")]))
     return statistics.median(times), min(times), max(times), len(times)
 
 
@@ -51,7 +54,7 @@ def timed_blocks(fns, reps, settle=0.25):
     result = {}
     for name, fn in fns.items():
         time.sleep(settle)
-        result[name] = timed(fn, reps)
+        result[name] = timed(fn, reps, name)
     return result
 
 
@@ -74,8 +77,9 @@ def bench_gemm(batches, reps, kernels):
             row = {"batch": batch, "name": name, "M": m, "K": k, "N": n}
             # Pure GEMM (no bias / epilogue): the kernels themselves, not the epilogue passes.
             layers = {backend: kernels.Linear(weight, None, backend=backend) for backend in ("numba", "blas")}
-            stats = timed_blocks({b: (lambda lin=lin: lin(x, out)) for b, lin in layers.items()}, reps)
-            for backend, (med, lo, hi, count) in stats.items():
+            stats = timed_blocks({f"{name} B={batch} {b}": (lambda lin=lin: lin(x, out)) for b, lin in layers.items()},
+                                 reps)
+            for backend, (med, lo, hi, count) in zip(layers, stats.values()):
                 row[backend] = {"median_ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3, "reps": count,
                                 "gflops_median": flops / med / 1e9, "gflops_best": flops / lo / 1e9}
             row["ratio_numba_over_blas"] = row["numba"]["gflops_median"] / row["blas"]["gflops_median"]
@@ -101,9 +105,11 @@ def bench_epilogues(reps, kernels):
         lin = kernels.Linear(weight, bias, backend=backend)
         for epilogue in ("none", "gelu", "add"):
             time.sleep(0.25)
-            med, lo, hi, count = timed(lambda: lin(x, out, epilogue), reps)
+            med, lo, hi, count = timed(lambda: lin(x, out, epilogue), reps, f"fc1 B=1 {backend} {epilogue}")
             result[f"{backend}_{epilogue}_ms"] = med * 1e3
-    print("  fc1 B=1 epilogues (median ms): " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in result.items()))
+            result[f"{backend}_{epilogue}_min_ms"] = lo * 1e3
+    print("  fc1 B=1 epilogues (median / min ms): " + ", ".join(
+        f"{k[:-3]} {v:.3f} / {result[k[:-3] + '_min_ms']:.3f}" for k, v in result.items() if not k.endswith("_min_ms")))
     return result
 
 
@@ -114,7 +120,7 @@ def bench_attention(batches, reps, kernels):
         qkv = rng.standard_normal((batch, SEQ, 3 * WIDTH), dtype=np.float32)
         out = np.empty((batch, SEQ, WIDTH), np.float32)
         time.sleep(0.25)
-        med, lo, hi, count = timed(lambda: kernels.attention(qkv, out, HEADS), reps)
+        med, lo, hi, count = timed(lambda: kernels.attention(qkv, out, HEADS), reps, f"attention B={batch}")
         # Reference: the same computation with NumPy batched matmuls (materialises the score tensor).
         q, k, v = (qkv[..., i * WIDTH:(i + 1) * WIDTH].reshape(batch, SEQ, HEADS, -1).transpose(0, 2, 1, 3)
                    for i in range(3))
@@ -129,13 +135,13 @@ def bench_attention(batches, reps, kernels):
             return np.matmul(s, vc)
 
         time.sleep(0.25)
-        nmed, nlo, nhi, _ = timed(numpy_attention, reps)
+        nmed, nlo, nhi, _ = timed(numpy_attention, reps, f"numpy attention B={batch}")
         flops = 4.0 * batch * SEQ * SEQ * WIDTH
         row = {"batch": batch, "median_ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3,
-               "gflops_median": flops / med / 1e9, "numpy_median_ms": nmed * 1e3}
+               "gflops_median": flops / med / 1e9, "numpy_median_ms": nmed * 1e3, "numpy_min_ms": nlo * 1e3}
         result.append(row)
-        print(f"  attention B={batch:<2d} {med * 1e3:8.3f} ms ({row['gflops_median']:.1f} GF/s)   "
-              f"numpy-matmul reference {nmed * 1e3:8.3f} ms")
+        print(f"  attention B={batch:<2d} {med * 1e3:8.3f} ms, min {lo * 1e3:8.3f} ({row['gflops_median']:.1f} GF/s)   "
+              f"numpy-matmul reference {nmed * 1e3:8.3f} ms, min {nlo * 1e3:8.3f}")
     return result
 
 
@@ -149,7 +155,7 @@ def bench_elementwise(batches, reps, kernels):
         beta = rng.standard_normal(WIDTH, dtype=np.float32)
         out = np.empty_like(x)
         time.sleep(0.25)
-        ln_med, *_ = timed(lambda: kernels.layernorm(x, gamma, beta, 1e-6, out), reps)
+        ln_med, ln_min, *_ = timed(lambda: kernels.layernorm(x, gamma, beta, 1e-6, out), reps, f"layernorm B={batch}")
         hidden = rng.standard_normal((m, 4 * WIDTH), dtype=np.float32)
         work = hidden.copy()
 
@@ -157,18 +163,21 @@ def bench_elementwise(batches, reps, kernels):
             work[:] = hidden  # keep inputs in range; the copy is timed separately and subtracted
             kernels.gelu_erf(work)
 
-        g_med, *_ = timed(gelu, reps)
-        c_med, *_ = timed(lambda: work.__setitem__(slice(None), hidden), reps)
+        g_med, g_min, *_ = timed(gelu, reps, f"gelu (with copy) B={batch}")
+        c_med, c_min, *_ = timed(lambda: work.__setitem__(slice(None), hidden), reps, f"copy B={batch}")
         scores = rng.standard_normal((m, SEQ), dtype=np.float32)
         sm_out = np.empty_like(scores)
-        s_med, *_ = timed(lambda: kernels.softmax_rows(scores, sm_out), reps)
+        s_med, s_min, *_ = timed(lambda: kernels.softmax_rows(scores, sm_out), reps, f"softmax B={batch}")
         row = {"batch": batch, "layernorm_ms": ln_med * 1e3, "gelu_ms": max(g_med - c_med, 0.0) * 1e3,
-               "gelu_elements": hidden.size, "softmax_rows_ms": s_med * 1e3}
+               "gelu_elements": hidden.size, "softmax_rows_ms": s_med * 1e3, "layernorm_min_ms": ln_min * 1e3,
+               "gelu_min_ms": max(g_min - c_min, 0.0) * 1e3, "softmax_rows_min_ms": s_min * 1e3}
         row["gelu_ns_per_element"] = row["gelu_ms"] * 1e6 / hidden.size
         result.append(row)
-        print(f"  B={batch:<2d} layernorm ({m}x{WIDTH}) {row['layernorm_ms']:.3f} ms   "
-              f"gelu ({m}x{4 * WIDTH}) {row['gelu_ms']:.3f} ms ({row['gelu_ns_per_element']:.2f} ns/elem)   "
-              f"softmax ({m}x{SEQ}) {row['softmax_rows_ms']:.3f} ms")
+        print(f"  B={batch:<2d} layernorm ({m}x{WIDTH}) {row['layernorm_ms']:.3f} ms "
+              f"(min {row['layernorm_min_ms']:.3f})   "
+              f"gelu ({m}x{4 * WIDTH}) {row['gelu_ms']:.3f} ms (min {row['gelu_min_ms']:.3f}; "
+              f"{row['gelu_ns_per_element']:.2f} ns/elem)   "
+              f"softmax ({m}x{SEQ}) {row['softmax_rows_ms']:.3f} ms (min {row['softmax_rows_min_ms']:.3f})")
     return result
 
 
@@ -244,6 +253,7 @@ def main(argv=None):
     results["gelu_max_error"] = kernels.gelu_max_error()
     print(f"erf max abs error vs math.erf: {results['erf_max_error']:.3g}; GELU max error vs math.erfc "
           f"(scaled by max(1, |x|)): {results['gelu_max_error']:.3g}")
+    results["noise_warnings"] = NOISE_WARNINGS
     results["loadavg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))

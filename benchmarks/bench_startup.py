@@ -139,7 +139,9 @@ def summarise(runs: list[dict]) -> dict:
             "peak_rss_mb": med("peak_rss_mb"), "import_s": med("import_s", "phases"),
             "load_s": med("load_s", "phases"), "first_classify_s": med("first_classify_s", "phases"),
             "second_classify_s": med("second_classify_s", "phases"),
-            "min_first_result_s": min(r["first_result_s"] for r in runs) if runs else None}
+            "min_first_result_s": min(r["first_result_s"] for r in runs) if runs else None,
+            "max_over_min_first_result": common.spread([r["first_result_s"] for r in runs])["max_over_min"]
+            if runs else None}
 
 
 def run(args) -> dict:
@@ -181,14 +183,18 @@ def run(args) -> dict:
     finally:
         shutil.rmtree(numba_cache, ignore_errors=True)
 
-    summary = {}
+    groups = {}
     if "vitnp" in runs and runs["vitnp"]:
-        summary["vitnp (cold JIT)"] = summarise(runs["vitnp"][:1])
+        groups["vitnp (cold JIT)"] = runs["vitnp"][:1]
         if len(runs["vitnp"]) > 1:
-            summary["vitnp (warm JIT)"] = summarise(runs["vitnp"][1:])
+            groups["vitnp (warm JIT)"] = runs["vitnp"][1:]
     if runs.get("transformers"):
-        summary["transformers pipeline"] = summarise(runs["transformers"])
+        groups["transformers pipeline"] = runs["transformers"]
+    summary = {name: summarise(group) for name, group in groups.items()}
     print_table(summary)
+    noise_warnings = common.print_noise_warnings([
+        common.noise_record(f"{name} first result", [r["first_result_s"] for r in group])
+        for name, group in groups.items()])
     targets = evaluate_targets(summary, RSS_TARGETS_MB[args.precision or "fp32"])
     return {
         "benchmark": "startup",
@@ -198,24 +204,26 @@ def run(args) -> dict:
                      "quick": args.quick, "command": " ".join([Path(sys.executable).name, *sys.argv])},
         "summary": summary,
         "runs": runs,
+        "noise_warnings": noise_warnings,
         "missing": errors,
         "targets": targets,
     }
 
 
 def print_table(summary: dict) -> None:
-    headers = ["system", "runs", "first result s", "exit s", "peak RSS MB", "import s", "weight load s",
-               "first classify s", "second classify s"]
+    headers = ["system", "runs", "first result s", "min", "max/min", "exit s", "peak RSS MB", "import s",
+               "weight load s", "first classify s", "second classify s"]
     rows = []
     def fmt(value, digits):
         return "-" if value is None else f"{value:.{digits}f}"
 
     for name, s in summary.items():
-        rows.append([name, s["runs"], fmt(s["first_result_s"], 2), fmt(s["exit_s"], 2), fmt(s["peak_rss_mb"], 0),
+        rows.append([name, s["runs"], fmt(s["first_result_s"], 2), fmt(s["min_first_result_s"], 2),
+                     fmt(s["max_over_min_first_result"], 2), fmt(s["exit_s"], 2), fmt(s["peak_rss_mb"], 0),
                      fmt(s["import_s"], 2), fmt(s["load_s"], 2), fmt(s["first_classify_s"], 2),
                      fmt(s["second_classify_s"], 3)])
-    print("\nmedians ('first result' = process spawn to first printed result; phases measured in a second "
-          "child per round)")
+    print("\nmedians, and the minimum and max/min of 'first result' (process spawn to first printed result); "
+          "phases measured in a second child per round")
     print(common.format_table(headers, rows), flush=True)
 
 

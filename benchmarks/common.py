@@ -9,8 +9,8 @@
 - `machine_info()`: CPU, cores, library versions and the BLAS library threadpoolctl sees.
 - `vit_forward_flops()`: the multiply-add count of one ViT forward pass (x2), for GFLOP/s.
 - `bar_chart()`: a PNG with matplotlib, skipped with a note when matplotlib is absent (it is the `bench` extra).
-- `spread()` / `warn_if_noisy()`: median, minimum and max/min of repeated timings, and the warning line a row gets
-  when its max/min exceeds NOISY_MAX_OVER_MIN.
+- `spread()`, `noise_record()`, `print_noise_warnings()`: median, minimum and max/min of repeated timings, and the
+  WARNING line (and JSON record) a row gets when its max/min exceeds NOISY_MAX_OVER_MIN.
 
 This module imports no other benchmark module; the ones that need it import it.
 """
@@ -208,8 +208,8 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {name: package_version(name) for name in
-                     ("numpy", "numba", "vitnp", "torch", "transformers", "onnxruntime", "openvino", "onnx", "onnxscript",
-                      "safetensors", "threadpoolctl")},
+                     ("numpy", "numba", "vitnp", "torch", "transformers", "onnxruntime", "openvino", "onnx",
+                      "onnxscript", "safetensors", "threadpoolctl")},
         "vitnp_source": vitnp_source(),
         "openblas_overrides": blas_override_note(),
         "threadpools": blas_libraries(),
@@ -323,15 +323,20 @@ def spread(times: list[float]) -> dict:
             "max_over_min": hi / lo if lo > 0 else float("inf")}
 
 
-def warn_if_noisy(what: str, times: list[float], unit: str = "s") -> dict | None:
-    """Print a warning line and return its record when the timings' max/min exceeds NOISY_MAX_OVER_MIN."""
+def noise_record(what: str, times: list[float], unit: str = "s") -> dict | None:
+    """The spread of repeated timings when their max/min exceeds NOISY_MAX_OVER_MIN (for the JSON), else None."""
     s = spread(times)
-    if s["max_over_min"] <= NOISY_MAX_OVER_MIN:
-        return None
-    print(f"WARNING: {what}: max/min {s['max_over_min']:.2f} > {NOISY_MAX_OVER_MIN} over {s['reps']} reps "
-          f"(min {s['min']:.4g}, median {s['median']:.4g}, max {s['max']:.4g} {unit}): the machine was busy; "
-          f"compare minima", flush=True)
-    return {"what": what, "unit": unit, **s}
+    return {"what": what, "unit": unit, **s} if s["max_over_min"] > NOISY_MAX_OVER_MIN else None
+
+
+def print_noise_warnings(records: list[dict | None]) -> list[dict]:
+    """One WARNING line per record (Nones skipped); returns the records."""
+    records = [r for r in records if r]
+    for r in records:
+        print(f"WARNING: {r['what']}: max/min {r['max_over_min']:.2f} > {NOISY_MAX_OVER_MIN} over {r['reps']} reps "
+              f"(min {r['min']:.4g}, median {r['median']:.4g}, max {r['max']:.4g} {r['unit']}): the machine was "
+              f"busy; compare minima", flush=True)
+    return records
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:
