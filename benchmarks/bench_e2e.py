@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -79,6 +80,7 @@ class System:
     name = ""
     label = ""
     precision = "fp32"  # what it computes in, for LOGIT_TOLERANCE
+    library = ""        # the library whose kernels run, as common.not_emulated names it
 
     def setup(self, checkpoint: Path, threads: int) -> dict:
         """Load the model; returns details to record."""
@@ -89,6 +91,8 @@ class System:
 
 
 class Vitnp(System):
+    library = "vitnp"
+
     def __init__(self, backend: str, precision: str = "fp32"):
         self.backend = backend
         self.precision = precision
@@ -114,6 +118,7 @@ class Vitnp(System):
 class TorchEager(System):
     name = "torch"
     label = "PyTorch eager (transformers)"
+    library = "torch"
 
     def setup(self, checkpoint, threads):
         import torch
@@ -134,6 +139,7 @@ class TorchEager(System):
 class OnnxRuntime(System):
     name = "ort"
     label = "ONNX Runtime"
+    library = "onnxruntime"
 
     def setup(self, checkpoint, threads):
         import onnxruntime as ort
@@ -158,6 +164,7 @@ class OnnxRuntime(System):
 class NaiveNumpy(System):
     name = "naive-numpy"
     label = "naive NumPy"
+    library = "numpy"
 
     def setup(self, checkpoint, threads):
         from threadpoolctl import threadpool_limits
@@ -195,6 +202,7 @@ class OnnxRuntimeInt8(OnnxRuntime):
 class OpenVino(System):
     """OpenVINO's CPU plugin on the ONNX export the ort systems use; precision_hint None: OpenVINO's own choice."""
 
+    library = "openvino"
     GEMM_LAYERS = ("FullyConnected", "MatMul", "Convolution")
     PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}  # OpenVINO's type names -> ours
 
@@ -204,8 +212,6 @@ class OpenVino(System):
         self.label = "OpenVINO fp32" if precision_hint == "f32" else "OpenVINO (its default precision)"
 
     def setup(self, checkpoint, threads):
-        import os
-
         import openvino as ov
 
         details = export_onnx(checkpoint)
@@ -228,7 +234,6 @@ class OpenVino(System):
         self.precision = self.PRECISIONS.get(picked, picked)
         details.update(load_s=time.perf_counter() - t0, openvino=ov.__version__, config=config,
                        inference_precision=picked, gemm_runtime_precisions=self.gemm_nodes("runtimePrecision"),
-                       isa="host" if os.environ.get(common.ISA_MARKER) else "native",
                        num_streams=int(self.compiled.get_property("NUM_STREAMS")),
                        inference_num_threads=int(self.compiled.get_property("INFERENCE_NUM_THREADS")))
         return details
@@ -359,8 +364,6 @@ def measure_jit(checkpoint: Path, backends: list[str], threads: int) -> dict:
 
 def _child_env(extra: dict) -> dict:
     """Children inherit exactly this process's environment (already free of the overrides unless --no-reexec)."""
-    import os
-
     env = dict(os.environ)
     env.update(extra)
     return env
@@ -413,6 +416,8 @@ def run(args) -> dict:
     rng = np.random.default_rng(0)
     shape = (config.get("num_channels", 3), config["image_size"], config["image_size"])
     results, noise_warnings = [], []
+    # Under --isa, the libraries that still run the host's widest kernels (their rows say "[host ISA]").
+    host_isa_libraries = common.not_emulated(os.environ.get(common.ISA_MARKER, ""))
     for batch in args.batch_sizes:
         x = rng.uniform(-1.0, 1.0, (batch, *shape)).astype(np.float32)
         first, outputs = {}, {}
@@ -449,7 +454,7 @@ def run(args) -> dict:
             scale = float(np.abs(reference).max()) if reference is not None else None
             row = {
                 "batch": batch, "system": system.name, "label": system.label, "reps": len(t),
-                "precision": system.precision, "isa": setup[system.name].get("isa", "native"),
+                "precision": system.precision, "host_isa": system.library in host_isa_libraries,
                 "median_ms": median * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
                 "max_over_min": common.spread(t)["max_over_min"],
                 "ms_per_img": median * 1e3 / batch, "img_per_s": batch / median,
@@ -515,7 +520,7 @@ def print_batch_table(batch: int, gflop_per_img: float, rows: list[dict]) -> Non
     for r in rows:
         diff = r["max_abs_diff_vs_torch"]
         table.append([
-            r["system"] + (" [host ISA]" if r["isa"] == "host" else ""), r["precision"],
+            r["system"] + (" [host ISA]" if r["host_isa"] else ""), r["precision"],
             f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['max_over_min']:.2f}", f"{r['ms_per_img']:.1f}",
             f"{r['img_per_s']:.2f}", f"{r['gflops']:.1f}", ratio(r["latency_vs_ort"]),
             ratio(r["latency_vs_ort_int8"]), ratio(r["latency_vs_openvino_default"]),

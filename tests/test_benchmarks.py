@@ -2,12 +2,14 @@
 
 The benchmarks run as the user runs them (a subprocess on the script) but with --no-reexec, so the test leaves the
 machine's OpenBLAS variables alone.  Nothing here asserts on timings; it checks that every system produced
-positive numbers, that they agree with transformers, and that the naive NumPy reference and the FLOP count are
-what they claim to be (against transformers and torch's own FLOP counter).
+positive numbers, that they agree with transformers, that the naive NumPy reference and the FLOP count are
+what they claim to be (against transformers and torch's own FLOP counter), that the noise warning fires on the
+spreads it is for, and that the benchmark modules import each other without cycles.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -224,3 +226,147 @@ def test_ort_patch_changes_exactly_the_two_jumps():
         with pytest.raises(ort_isa.OrtPatchError, match=message):
             ort_isa.patch_branches(data)
         assert data == broken  # refused before changing anything
+
+
+# -- the benchmark modules' import graph ------------------------------------------------------------------------
+
+def benchmark_imports() -> dict[str, list[tuple[str, str | None, int]]]:
+    """module -> (benchmark module it imports, private name taken from it or None, line) for every import,
+    including those inside functions."""
+    modules = {path.stem: path for path in sorted(BENCH.glob("*.py"))}
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        local = {}  # local name -> benchmark module
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in modules:
+                        found.append((alias.name, None, node.lineno))
+                        local[alias.asname or alias.name] = alias.name
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
+                for alias in node.names:
+                    found.append((node.module, alias.name if alias.name.startswith("_") else None, node.lineno))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in local
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                found.append((local[node.value.id], node.attr, node.lineno))
+        graph[name] = found
+    return graph
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state = {}  # module -> "open" while on the DFS stack, "done" after
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                return path + [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [node])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (cycle := visit(node, [])):
+            return cycle[cycle.index(cycle[-1]):]
+    return None
+
+
+def test_find_cycle_finds_a_cycle():
+    # The checker itself can fail: a two-module cycle and a longer one are reported, a chain is not.
+    assert find_cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+    assert find_cycle({"x": {"a"}, "a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_benchmark_modules_have_no_import_cycle_and_no_private_imports():
+    graph = benchmark_imports()
+    assert "common" in graph and ("common", None) in {(m, p) for m, p, _ in graph["ort_isa"]}, graph["ort_isa"]
+    edges = {name: {m for m, _, _ in found if m != name} for name, found in graph.items()}
+    assert find_cycle(edges) is None, f"import cycle among benchmarks/ modules: {find_cycle(edges)}"
+    private = [(name, m, p, line) for name, found in graph.items() for m, p, line in found if p and m != name]
+    assert not private, f"benchmark modules use another module's private names: {private}"
+
+
+# -- noisy rows --------------------------------------------------------------------------------------------------
+
+def test_noise_warning_fires_above_the_max_over_min_limit_only(capsys):
+    limit = common.NOISY_MAX_OVER_MIN
+    assert common.noise_record("steady", [100.0, 104.0, 100.0 * limit], "ms") is None  # at the limit: no warning
+    spread_out = [100.0, 120.0, 110.0, 100.0 * limit + 1.0]
+    record = common.noise_record("busy", spread_out, "ms")
+    assert record["max_over_min"] == pytest.approx((100.0 * limit + 1.0) / 100.0)
+    assert (record["min"], record["median"], record["max"], record["reps"]) == (100.0, 115.0, 100.0 * limit + 1, 4)
+    printed = common.print_noise_warnings([None, record])
+    assert printed == [record]
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("WARNING: busy: max/min 1.51 > 1.5 over 4 reps (min 100, median 115")
+
+
+# -- OpenVINO as a system of bench_e2e -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory):
+    """One benchmark cache (the ONNX export) for the OpenVINO tests."""
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.mark.parametrize("hint", ["f32", None])
+def test_openvino_system_agrees_with_transformers(hint, tiny_vit, bench_cache, monkeypatch):
+    pytest.importorskip("openvino", reason="openvino is not installed (the bench extra)")
+    import bench_e2e
+
+    monkeypatch.setenv("VITNP_BENCH_CACHE", str(bench_cache))
+    system = bench_e2e.OpenVino(hint)
+    details = system.setup(tiny_vit, threads=2)
+    assert details["inference_num_threads"] == 2 and details["num_streams"] == 1
+    pixel_values = np.random.default_rng(5).uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32)
+    logits = system(pixel_values)
+    expected = transformers_logits(tiny_vit, pixel_values)
+    assert logits.shape == expected.shape and logits.dtype == np.float32
+    # What OpenVINO says it picked is what its GEMM nodes ran in.
+    graph = system.details()
+    picked = details["inference_precision"]
+    assert set(graph["gemm_runtime_precisions"]) == {picked}, graph
+    if hint == "f32":
+        assert (system.name, system.precision, picked) == ("openvino-fp32", "fp32", "f32")
+        np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+    else:
+        assert system.name == "openvino-default" and system.precision == bench_e2e.OpenVino.PRECISIONS[picked]
+        tolerance = bench_e2e.LOGIT_TOLERANCE[system.precision] * np.abs(expected).max()
+        assert np.abs(logits - expected).max() <= tolerance
+        assert np.abs(logits - expected).max() > 0 or picked == "f32"  # bf16 really rounded something
+
+
+def test_bench_e2e_openvino_under_emulated_avx2(tiny_vit, bench_cache, tmp_path):
+    """The --isa avx2 child as common.reexec_without_blas_overrides starts it: OpenVINO still compiles (with
+    ONEDNN_MAX_CPU_ISA=AVX2 set it would not) and its rows say they ran the host ISA; naive NumPy's do not."""
+    pytest.importorskip("openvino", reason="openvino is not installed (the bench extra)")
+    env = {**os.environ, **common.ISA_EMULATION["avx2"], common.ISA_MARKER: "avx2", common.REEXEC_MARKER: "",
+           "VITNP_BENCH_CACHE": str(bench_cache)}
+    systems = ["naive-numpy", "openvino-fp32", "openvino-default"]
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_e2e.py"), "--no-reexec", "--checkpoint", str(tiny_vit),
+                           "--quick", "--reps", "2", "--batch-sizes", "1,2", "--systems", ",".join(systems),
+                           "--cold-jit", "none", "--settle-ms", "0", "--out-dir", str(tmp_path), "--no-plot",
+                           "--isa", "avx2"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    data = json.loads((tmp_path / "e2e-avx2-quick.json").read_text())
+    assert data["missing"] == {}
+    assert data["machine"]["not_emulated"] == ["openvino"]
+    rows = {(r["system"], r["batch"]): r for r in data["results"]}
+    assert set(rows) == {(s, b) for s in systems for b in (1, 2)}
+    for (system, _), row in rows.items():
+        assert row["host_isa"] == system.startswith("openvino")
+        assert row["logits_ok"] is True, row  # checked against transformers' logits, run untimed as reference
+        assert row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["max_over_min"] == pytest.approx(row["max_ms"] / row["min_ms"])
+    assert "openvino-fp32 [host ISA]" in proc.stdout
+    assert data["setup"]["openvino-fp32"]["inference_precision"] == "f32"
+    assert set(data["openvino_graphs"]) == {"openvino-fp32", "openvino-default"}
+    # Warnings are recorded for exactly the rows whose spread exceeds the limit.
+    noisy = {w["what"] for w in data["noise_warnings"]}
+    assert noisy == {f"{s} batch {b}" for (s, b), r in rows.items() if r["max_over_min"] > common.NOISY_MAX_OVER_MIN}
