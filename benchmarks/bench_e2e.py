@@ -29,10 +29,11 @@ loading the Numba cache, or compiling when the cache is cold) and warmed up, the
 round-robin (rep r calls every system once, in an order rotated by r), with a 500 ms pause before each call and then
 a wait (at most 1 s) until no other thread of the process is running, so one system's spinning thread pool (OpenBLAS
 workers spin ~100 ms after a call on a 2.6 GHz TSC) does not eat into the next one's time.  The pause is long because
-the cores stay slower for a while after a long run: a Numba forward pass 100 ms after a 230 ms BLAS one took
-4-7 ms (3-5%) longer than after another Numba one, and the same 0.5 s later it did not.  Reported: median and minimum ms per call, max/min, ms per image,
-GFLOP/s (ViT-B/16 forward = 35.1 GFLOP/img, see common.vit_forward_flops), latency relative to ONNX Runtime and
-speed-up over PyTorch eager, the largest logit difference from PyTorch (run untimed as the reference when torch
+the cores stay slower for a while after a long run: a Numba forward pass 100 ms after a 230 ms BLAS one takes
+4-7 ms (3-5%) longer than after another Numba one, and 0.5 s later it does not.  Reported: median and minimum ms
+per call, max/min, ms per image, GFLOP/s (ViT-B/16 forward = 35.1 GFLOP/img, see common.vit_forward_flops),
+latency relative to ONNX Runtime, ONNX Runtime int8 and OpenVINO default, speed-up over PyTorch eager, the
+largest logit difference from PyTorch (run untimed as the reference when torch
 is not among the systems) checked against LOGIT_TOLERANCE, a WARNING line for every row whose max/min exceeds
 common.NOISY_MAX_OVER_MIN, and PASS/FAIL lines for the targets (TARGET_* below).  JIT compile time is
 measured in child processes with a fresh NUMBA_CACHE_DIR (cold) and again with that cache filled (warm).
