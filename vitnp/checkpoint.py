@@ -51,6 +51,16 @@ def _is_size(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _USIZE_END
 
 
+def _is_unicode(strings: list[str]) -> bool:
+    """JSON escapes can spell lone UTF-16 surrogates, which are no Unicode text (the reference parser refuses
+    them)."""
+    try:
+        "".join(strings).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _reject_duplicates(pairs: list) -> dict:
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
@@ -88,12 +98,14 @@ def parse_header(header: bytes, file_size: int, where) -> dict[str, tuple[str, t
     except (ValueError, RecursionError):
         raise CheckpointError(f"{where}: not a safetensors file (unreadable header: not JSON)") from None
     if not isinstance(root, dict):
-        raise CheckpointError(f"{where}: not a safetensors file (header is a JSON {type(root).__name__}, "
-                              "not an object)")
-    metadata = root.pop("__metadata__", None)
+        kind = {list: "array", str: "string", type(None): "null", bool: "boolean"}.get(type(root), "number")
+        raise CheckpointError(f"{where}: not a safetensors file (header is a JSON {kind}, not an object)")
+    metadata = root.pop("__metadata__", None)  # null: no metadata, as the reference parser reads it
     if metadata is not None and not (isinstance(metadata, dict)
                                      and all(isinstance(v, str) for v in metadata.values())):
         raise CheckpointError(f"{where}: '__metadata__' must be an object of strings")
+    if not _is_unicode([*root, *(metadata or {}), *(metadata or {}).values()]):
+        raise CheckpointError(f"{where}: not a safetensors file (header holds an unpaired surrogate escape)")
 
     spans = []  # (begin, end, name)
     entries = {}
@@ -247,7 +259,8 @@ def check_finite(name: str, array: np.ndarray, where) -> None:
     """CheckpointError unless every value of the float tensor is finite (no NaN may ever reach a score)."""
     # One read of the array and no temporary: a sum is finite only if every term is. A non-finite sum may
     # also be an overflow of large finite values, which the exact (allocating) test tells apart.
-    total = np.add.reduce(array, axis=None, dtype=np.float32 if array.dtype.itemsize < 4 else None)
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(array, axis=None, dtype=np.float32 if array.dtype.itemsize < 4 else None)
     if math.isfinite(total):
         return
     finite = np.isfinite(array)
