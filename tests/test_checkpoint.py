@@ -316,6 +316,22 @@ def test_check_finite_names_the_tensor(bad, dtype):
         check_finite("w", a, "where")
 
 
+def unaligned(a: np.ndarray) -> np.ndarray:
+    out = np.frombuffer(b"\0" + a.tobytes(), np.uint8)[1:].view(a.dtype).reshape(a.shape)
+    assert not out.flags.aligned
+    return out
+
+
+@pytest.mark.parametrize("layout", [lambda a: a[:, ::2], lambda a: a.astype(np.float64), unaligned],
+                         ids=["strided", "float64", "unaligned"])
+def test_check_finite_any_layout(layout):
+    a = np.ones((4, 6), np.float32)
+    check_finite("w", layout(a), "where")
+    a[1, 4] = np.nan
+    with pytest.raises(vitnp.CheckpointError, match="'w' holds 1 non-finite value\\(s\\) \\(first: nan at index "):
+        check_finite("w", layout(a), "where")
+
+
 def test_check_finite_accepts_large_finite_values():
     """Their sum overflows to inf; every value is still finite."""
     a = np.full(8, np.finfo(np.float32).max, np.float32)

@@ -124,7 +124,7 @@ def mutate(header: dict, data: bytes, steps: list) -> bytes:
     for kind, *args in steps:
         if not isinstance(header, dict) and kind not in ("root", "data length", "length prefix", "header byte"):
             continue
-        info = header.get(args[0]) if args and isinstance(args[0], str) else None
+        info = header.get(args[0]) if isinstance(header, dict) and args and isinstance(args[0], str) else None
         if kind == "field" and isinstance(info, dict):
             info[args[1][0]] = args[1][1]
         elif kind == "shift" and isinstance(info, dict) and isinstance(info.get("data_offsets"), list) \
