@@ -130,8 +130,10 @@ def test_sharded_checkpoint(digits):
     ("sub\\x.safetensors", "must be a file name in the model directory"),
     (7, "shard name 7 must be a string"),
     ("absent.safetensors", "absent.safetensors: weights file not found"),
+    ("sub", "sub: not a regular file"),
 ])
 def test_shard_names_are_plain_file_names(digits, shard, message):
+    (digits / "sub").mkdir()
     make_sharded(digits, index={"weight_map": {"classifier.bias": shard}})
     with pytest.raises(vitnp.CheckpointError, match=message):
         open_checkpoint(digits)
@@ -367,6 +369,7 @@ def test_nan_weight_found_by_check_finite(digits):
     ({"model_type": ["vit"]}, "'model_type' must be a string"),
     ({"num_labels": 10**9, "id2label": None}, "'num_labels' must be an integer in 1..100000, got 1000000000"),
     ({"num_labels": 1e9, "id2label": None}, "'num_labels' must be an integer in 1..100000, got 1000000000.0"),
+    ({"num_labels": "10"}, "'num_labels' must be an integer in 1..100000, got '10'"),
     ({"num_hidden_layers": 10**6}, "'num_hidden_layers' is 1000000, above the largest vitnp accepts"),
     ({"hidden_size": 10**9}, "'hidden_size' is 1000000000, above the largest"),
     ({"image_size": 3.5}, "'image_size' must be a positive integer, got 3.5"),

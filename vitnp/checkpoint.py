@@ -167,6 +167,8 @@ class TensorFile:
 
     def __init__(self, path: Path):
         self.path = path
+        if path.exists() and not path.is_file():
+            raise CheckpointError(f"{path}: not a regular file")
         try:
             with open(path, "rb") as f:
                 size = f.seek(0, 2)

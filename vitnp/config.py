@@ -159,11 +159,12 @@ class ViTConfig:
 
 def _parse_id2label(d: dict, source: str) -> tuple[str, ...]:
     raw = d.get("id2label")
+    n = d.get("num_labels", 2)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LABELS:
+        raise ConfigError(f"{source}: 'num_labels' must be an integer in 1..{MAX_LABELS}, got {n!r:.100}")
     if raw is None:
-        n = d.get("num_labels", 2)
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LABELS:
-            raise ConfigError(f"{source}: 'num_labels' must be an integer in 1..{MAX_LABELS}, got {n!r:.100}")
         return tuple(f"LABEL_{i}" for i in range(n))  # transformers' default names
+    # Given both, id2label decides the labels, as in transformers.
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{source}: 'id2label' must be a non-empty object mapping class index to label")
     if len(raw) > MAX_LABELS:
