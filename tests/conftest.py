@@ -51,3 +51,8 @@ def base_vit(tmp_path_factory) -> Path:
 def base_deit_distilled(tmp_path_factory) -> Path:
     """Full facebook/deit-base-distilled-patch16-224 shape (1000 labels)."""
     return make_checkpoint(tmp_path_factory.mktemp("deit-base"), "deit-distilled", "base", num_labels=1000)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=100,
+                     help="examples per fuzz test (tests/test_fuzz_checkpoint.py); more for a longer run")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,14 @@ ARCHITECTURES = {
 # transformers' ACT2FN names that are the exact erf GELU.
 SUPPORTED_ACTIVATIONS = ("gelu",)
 PROBLEM_TYPES = (None, "single_label_classification", "multi_label_classification", "regression")
+# Upper bounds on the sizes a config may claim, checked before anything is allocated from them. Each is far
+# above any published ViT / DeiT (ViT-22B: hidden 6144, 48 layers; ImageNet-21k: 21843 labels).
+MAX_SIZES = {
+    "image_size": 16384, "patch_size": 16384, "num_channels": 64, "hidden_size": 65536,
+    "num_hidden_layers": 1024, "num_attention_heads": 1024, "intermediate_size": 262144,
+}
+MAX_LABELS = 100_000
+MAX_LAYER_NORM_EPS = 1.0
 
 
 @dataclass(frozen=True)
@@ -71,17 +82,22 @@ class ViTConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
         archs = d.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"{source}: 'architectures' must be a list of class names, got {archs!r:.100}")
+        model_type = d.get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            raise ConfigError(f"{source}: 'model_type' must be a string, got {model_type!r:.100}")
         supported = ", ".join(ARCHITECTURES)
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:
-            if not archs and d.get("model_type") in ("vit", "deit"):
+            if not archs and model_type in ("vit", "deit"):
                 # save_pretrained always writes "architectures"; a bare config is a base model.
                 raise ConfigError(
                     f"{source}: no 'architectures' entry; vitnp needs an image-classification checkpoint "
                     f"({supported})"
                 )
             raise ConfigError(
-                f"{source}: unsupported architecture {archs or d.get('model_type')!r}; "
+                f"{source}: unsupported architecture {archs or model_type!r}; "
                 f"vitnp supports {supported}"
             )
 
@@ -90,11 +106,16 @@ class ViTConfig:
             if value is None:
                 raise ConfigError(f"{source}: missing required field {name!r}")
             if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"{source}: {name!r} must be a positive integer, got {value!r}")
-            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                raise ConfigError(f"{source}: {name!r} must be a positive number, got {value!r}")
+                raise ConfigError(f"{source}: {name!r} must be a positive integer, got {value!r:.100}")
+            if kind is int and value > MAX_SIZES[name]:
+                raise ConfigError(f"{source}: {name!r} is {value}, above the largest vitnp accepts "
+                                  f"({MAX_SIZES[name]})")
+            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or not 0 < value <= MAX_LAYER_NORM_EPS):
+                raise ConfigError(f"{source}: {name!r} must be a finite number in (0, {MAX_LAYER_NORM_EPS:g}], "
+                                  f"got {value!r:.100}")
             if kind is bool and not isinstance(value, bool):
-                raise ConfigError(f"{source}: {name!r} must be true or false, got {value!r}")
+                raise ConfigError(f"{source}: {name!r} must be true or false, got {value!r:.100}")
             return value
 
         # Defaults are transformers' ViTConfig / DeiTConfig defaults (same for both).
@@ -107,15 +128,15 @@ class ViTConfig:
         if hidden % heads:
             raise ConfigError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
         act = d.get("hidden_act", "gelu")
-        if act not in SUPPORTED_ACTIVATIONS:
+        if not isinstance(act, str) or act not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(
-                f"{source}: unsupported hidden_act {act!r}; vitnp supports {', '.join(SUPPORTED_ACTIVATIONS)} "
+                f"{source}: unsupported hidden_act {act!r:.100}; vitnp supports {', '.join(SUPPORTED_ACTIVATIONS)} "
                 "(the exact erf GELU)"
             )
         problem_type = d.get("problem_type")
-        if problem_type not in PROBLEM_TYPES:
+        if not (problem_type is None or isinstance(problem_type, str)) or problem_type not in PROBLEM_TYPES:
             raise ConfigError(
-                f"{source}: unknown problem_type {problem_type!r}; expected one of "
+                f"{source}: unknown problem_type {problem_type!r:.100}; expected one of "
                 + ", ".join(str(p) for p in PROBLEM_TYPES[1:])
             )
         return cls(
@@ -132,26 +153,73 @@ class ViTConfig:
             qkv_bias=field("qkv_bias", bool, True),
             id2label=_parse_id2label(d, source),
             problem_type=problem_type,
-            model_type=d.get("model_type", ARCHITECTURES[arch][0]),
+            model_type=model_type or ARCHITECTURES[arch][0],
         )
 
 
 def _parse_id2label(d: dict, source: str) -> tuple[str, ...]:
     raw = d.get("id2label")
+    n = d.get("num_labels", 2)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LABELS:
+        raise ConfigError(f"{source}: 'num_labels' must be an integer in 1..{MAX_LABELS}, got {n!r:.100}")
     if raw is None:
-        n = d.get("num_labels", 2)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ConfigError(f"{source}: 'num_labels' must be a positive integer, got {n!r}")
         return tuple(f"LABEL_{i}" for i in range(n))  # transformers' default names
+    # Given both, id2label decides the labels, as in transformers.
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{source}: 'id2label' must be a non-empty object mapping class index to label")
-    try:
-        items = {int(k): str(v) for k, v in raw.items()}
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: 'id2label' keys must be integers, got {sorted(raw)[:5]!r}") from None
+    if len(raw) > MAX_LABELS:
+        raise ConfigError(f"{source}: 'id2label' has {len(raw)} labels, more than vitnp accepts ({MAX_LABELS})")
+    if not all(re.fullmatch(r"0|[1-9][0-9]*", k) for k in raw):
+        raise ConfigError(f"{source}: 'id2label' keys must be integers, got {sorted(raw)[:5]!r:.100}")
+    bad = next((v for v in raw.values() if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ConfigError(f"{source}: 'id2label' labels must be strings, got {bad!r:.100}")
+    items = {int(k): v for k, v in raw.items()}
     if sorted(items) != list(range(len(items))):
         raise ConfigError(f"{source}: 'id2label' keys must be 0..{len(items) - 1} without gaps")
     return tuple(items[i] for i in range(len(items)))
+
+
+def check_against_tensors(cfg: ViTConfig, shapes: Mapping[str, tuple], source: str = "config.json") -> None:
+    """ConfigError naming the field when config.json claims a size the checkpoint's own tensors contradict.
+
+    shapes: tensor name -> shape, from the checkpoint's header (no weight is read). A claim is checked against
+    the tensors that carry it; when those tensors agree among themselves and the config says otherwise, the
+    config is what is wrong (a checkpoint at odds with itself is left to the tensor-by-tensor validation,
+    which lists every tensor). Runs before anything is built from the config, so a config that claims a
+    million layers fails at once."""
+    p = cfg.prefix
+    layers = {int(m.group(1)) for name in shapes
+              if (m := re.match(re.escape(p) + r"\.encoder\.layer\.(0|[1-9][0-9]*)\.", name))}
+    top = max(layers) + 1 if layers else 0
+    if cfg.num_hidden_layers > top or (layers == set(range(top)) and cfg.num_hidden_layers != top):
+        raise ConfigError(f"{source}: 'num_hidden_layers' is {cfg.num_hidden_layers} but the checkpoint holds "
+                          f"{len(layers)} encoder layer(s) ({p}.encoder.layer.*)")
+
+    def carried(claim: str, claimed: int, carriers: list[tuple[str, int]]) -> None:
+        seen = [(name, shapes[name], axis) for name, axis in carriers if name in shapes and len(shapes[name]) > axis]
+        values = {shape[axis] for _, shape, axis in seen}
+        if len(values) == 1 and claimed not in values:
+            name, shape, _ = seen[0]
+            raise ConfigError(f"{source}: {claim} but the checkpoint's tensors hold {values.pop()} "
+                              f"({name} has shape {list(shape)})")
+
+    emb = f"{p}.embeddings."
+    projection = emb + "patch_embeddings.projection.weight"
+    carried(f"'hidden_size' is {cfg.hidden_size}", cfg.hidden_size, [
+        (emb + "cls_token", 2), (emb + "position_embeddings", 2), (projection, 0),
+        (emb + "patch_embeddings.projection.bias", 0), (f"{p}.layernorm.weight", 0), (f"{p}.layernorm.bias", 0)])
+    carried(f"'num_channels' is {cfg.num_channels}", cfg.num_channels, [(projection, 1)])
+    carried(f"'patch_size' is {cfg.patch_size}", cfg.patch_size, [(projection, 2), (projection, 3)])
+    carried(f"'image_size' {cfg.image_size} / 'patch_size' {cfg.patch_size} make {cfg.seq_len} positions",
+            cfg.seq_len, [(emb + "position_embeddings", 1)])
+    carried(f"'intermediate_size' is {cfg.intermediate_size}", cfg.intermediate_size, [
+        (f"{p}.encoder.layer.{i}.{t}", axis) for i in sorted(layers)
+        for t, axis in (("intermediate.dense.weight", 0), ("intermediate.dense.bias", 0),
+                        ("output.dense.weight", 1))])
+    heads = ("cls_classifier", "distillation_classifier") if cfg.distilled else ("classifier",)
+    carried(f"'id2label' / 'num_labels' give {cfg.num_labels} labels", cfg.num_labels,
+            [(f"{h}.{t}", 0) for h in heads for t in ("weight", "bias")])
 
 
 def load_config(path: str | Path) -> ViTConfig:
@@ -160,10 +228,14 @@ def load_config(path: str | Path) -> ViTConfig:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config.json not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: config.json is not UTF-8 text") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config.json: {e.strerror}") from None
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (ValueError, RecursionError):  # nested too deeply, or an integer too long to convert
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply or a number too long)") from None
     return ViTConfig.from_dict(d, source=str(path))
