@@ -213,7 +213,7 @@ def _draft_scale(img: Image.Image) -> int:
     if img.format != "JPEG" or img.width * img.height <= EXACT_DECODE_MAX_PIXELS:
         return 1
     for scale in (2, 4, 8):
-        if img.width * img.height <= EXACT_DECODE_MAX_PIXELS * scale * scale:
+        if -(-img.width // scale) * -(-img.height // scale) <= EXACT_DECODE_MAX_PIXELS:  # the decoder rounds up
             return scale
     return 8
 
@@ -242,7 +242,8 @@ def _decoded_rgb(img: Image.Image, name: str, owned: bool, reduce: bool) -> Imag
     if reduce and owned:
         scale = _draft_scale(img)
         if scale > 1:
-            img.draft(None, (img.width // scale, img.height // scale))
+            # draft picks the largest of 8, 4, 2 that is <= min(W // w, H // h): exactly `scale` here
+            img.draft(None, (max(1, img.width // scale), max(1, img.height // scale)))
     _decode(img, name)
     return _upright_rgb(img, name, owned)
 
