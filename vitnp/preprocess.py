@@ -162,49 +162,6 @@ def _array_to_pil(a: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))
 
 
-def _with_opened(x: Any, max_pixels: int, use: Any) -> Any:
-    """Open any supported input and return use(img, name, owned).
-
-    Encoded inputs (path, bytes, file object) are opened lazily and size-checked; `owned` says
-    the image is ours to modify in place (not a PIL image the caller passed). The file stays
-    open while `use` runs, since Pillow decodes from it.
-    """
-    if not (isinstance(max_pixels, int) and not isinstance(max_pixels, bool) and max_pixels > 0):
-        raise ParameterError(f"max_pixels must be a positive int, got {max_pixels!r}")
-    if isinstance(x, Image.Image):
-        return use(x, "image", False)
-    if isinstance(x, np.ndarray):
-        return use(_array_to_pil(x), "image array", True)
-    if isinstance(x, (str, os.PathLike)):
-        path = os.fspath(x)
-        if not isinstance(path, str):
-            path = os.fsdecode(path)
-        name = f"'{path}'"
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            raise ImageError(f"{name}: no such file") from None
-        except IsADirectoryError:
-            raise ImageError(f"{name}: is a directory, not an image file") from None
-        except OSError as e:
-            raise ImageError(f"{name}: cannot open file ({e.strerror or e})") from None
-        with f:
-            return use(_open_encoded(f, name, max_pixels), name, True)
-    if isinstance(x, (bytes, bytearray, memoryview)):
-        if not len(x):
-            raise ImageError("image bytes are empty")
-        return use(_open_encoded(io.BytesIO(x), "image bytes", max_pixels), "image bytes", True)
-    if isinstance(x, io.TextIOBase):
-        raise ImageError("image file object is open in text mode; open it with 'rb'")
-    if hasattr(x, "read"):
-        name = f"'{x.name}'" if isinstance(getattr(x, "name", None), str) else "image file object"
-        return use(_open_encoded(x, name, max_pixels), name, True)
-    raise ImageError(
-        f"unsupported image input of type {type(x).__name__}: pass a file path, bytes, a binary file object, "
-        "a PIL image or a uint8 numpy array"
-    )
-
-
 # --------------------------------------------------------------------------- decoding
 
 
@@ -237,15 +194,59 @@ def _upright_rgb(img: Image.Image, name: str, owned: bool) -> Image.Image:
         raise ImageError(f"{name}: cannot read {img.mode} image as RGB ({e})") from None
 
 
-def _decoded_rgb(img: Image.Image, name: str, owned: bool, reduce: bool) -> Image.Image:
-    """The fully decoded, EXIF-upright RGB image; JPEGs above EXACT_DECODE_MAX_PIXELS at reduced scale if `reduce`."""
-    if reduce and owned:
+def _decoded_file(fp: Any, name: str, max_pixels: int, reduce: bool) -> Image.Image:
+    """Open (header only), check the size, decode (JPEGs above EXACT_DECODE_MAX_PIXELS at reduced scale
+    if `reduce`), then EXIF-upright RGB."""
+    img = _open_encoded(fp, name, max_pixels)
+    if reduce:
         scale = _draft_scale(img)
         if scale > 1:
             # draft picks the largest of 8, 4, 2 that is <= min(W // w, H // h): exactly `scale` here
             img.draft(None, (max(1, img.width // scale), max(1, img.height // scale)))
     _decode(img, name)
-    return _upright_rgb(img, name, owned)
+    return _upright_rgb(img, name, owned=True)
+
+
+def _decoded(x: Any, max_pixels: int, reduce: bool) -> tuple[Image.Image, str]:
+    """Any supported input -> (decoded EXIF-upright RGB image, the input's name for messages).
+
+    Encoded inputs (path, bytes, file object) are size-checked from their header before
+    decoding. Only the returned image is still referenced when this returns.
+    """
+    if not (isinstance(max_pixels, int) and not isinstance(max_pixels, bool) and max_pixels > 0):
+        raise ParameterError(f"max_pixels must be a positive int, got {max_pixels!r}")
+    if isinstance(x, Image.Image):
+        return _upright_rgb(x, "image", owned=False), "image"
+    if isinstance(x, np.ndarray):
+        return _upright_rgb(_array_to_pil(x), "image array", owned=True), "image array"
+    if isinstance(x, (str, os.PathLike)):
+        path = os.fspath(x)
+        if not isinstance(path, str):
+            path = os.fsdecode(path)
+        name = f"'{path}'"
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise ImageError(f"{name}: no such file") from None
+        except IsADirectoryError:
+            raise ImageError(f"{name}: is a directory, not an image file") from None
+        except OSError as e:
+            raise ImageError(f"{name}: cannot open file ({e.strerror or e})") from None
+        with f:
+            return _decoded_file(f, name, max_pixels, reduce), name
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        if not len(x):
+            raise ImageError("image bytes are empty")
+        return _decoded_file(io.BytesIO(x), "image bytes", max_pixels, reduce), "image bytes"
+    if isinstance(x, io.TextIOBase):
+        raise ImageError("image file object is open in text mode; open it with 'rb'")
+    if hasattr(x, "read"):
+        name = f"'{x.name}'" if isinstance(getattr(x, "name", None), str) else "image file object"
+        return _decoded_file(x, name, max_pixels, reduce), name
+    raise ImageError(
+        f"unsupported image input of type {type(x).__name__}: pass a file path, bytes, a binary file object, "
+        "a PIL image or a uint8 numpy array"
+    )
 
 
 def release_memory() -> None:
@@ -275,7 +276,7 @@ def load_image(x: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Imag
     `max_pixels`, or whose side exceeds MAX_IMAGE_SIDE, is refused from its header,
     before decoding. Raises ImageError with one clear message.
     """
-    return _with_opened(x, max_pixels, lambda img, name, owned: _decoded_rgb(img, name, owned, reduce=False))
+    return _decoded(x, max_pixels, reduce=False)[0]
 
 
 # --------------------------------------------------------------------------- pixel values
@@ -332,10 +333,18 @@ def _check_out(out: Any, expected: tuple[int, ...]) -> None:
         raise ParameterError(f"out must be a writable C-contiguous float32 array of shape {expected}, got {got}")
 
 
-def _pixels_of_decoded(img: Image.Image, name: str, owned: bool, cfg: PreprocessorConfig,
-                       out: np.ndarray | None) -> np.ndarray:
-    """Decode, resize, crop, rescale+normalize one image into (3, H, W) float32."""
-    img = _decoded_rgb(img, name, owned, reduce=True)
+def image_pixels(x: Any, cfg: PreprocessorConfig, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """One image -> its float32 (3, H, W) pixel values, as transformers computes them.
+
+    Decodes, converts, resizes, crops and normalises, and lets go of the full-size image
+    before returning, so a caller working through a batch holds at most one full-size image
+    per thread. `x` is any input load_image accepts; encoded images above `max_pixels` (or
+    with a side above MAX_IMAGE_SIDE) are refused from their header with an ImageError.
+    `out`, if given, must be a writable C-contiguous float32 (3, H, W) array; it is filled
+    and returned.
+    """
+    img, name = _decoded(x, max_pixels, reduce=True)
     decoded_pixels = img.width * img.height
     h, w = _output_shape(img.height, img.width, cfg, name)
     if out is None:
@@ -344,8 +353,8 @@ def _pixels_of_decoded(img: Image.Image, name: str, owned: bool, cfg: Preprocess
         _check_out(out, (3, h, w))
     if cfg.do_resize:
         rh, rw = _resize_shape(img.height, img.width, cfg)
-        img = img.resize((rw, rh), resample=cfg.resample)  # the full-size image is released here
-    pixels = np.asarray(img)  # (H, W, 3) uint8
+        img = img.resize((rw, rh), resample=cfg.resample)  # the last reference to the full-size image goes
+    pixels = np.asarray(img)  # (H, W, 3) uint8, a copy
     del img
     if decoded_pixels >= TRIM_AFTER_PIXELS:
         release_memory()
@@ -361,20 +370,6 @@ def _pixels_of_decoded(img: Image.Image, name: str, owned: bool, cfg: Preprocess
             out[c].fill(table[c, 0])
         np.take(table[c], pixels[top + r0: top + r1, left + c0: left + c1, c], out=out[c, r0:r1, c0:c1], mode="clip")
     return out
-
-
-def image_pixels(x: Any, cfg: PreprocessorConfig, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 out: np.ndarray | None = None) -> np.ndarray:
-    """One image -> its float32 (3, H, W) pixel values, as transformers computes them.
-
-    Decodes, converts, resizes, crops and normalises, and lets go of the full-size image
-    before returning, so a caller working through a batch holds at most one full-size image
-    per thread. `x` is any input load_image accepts; encoded images above `max_pixels` (or
-    with a side above MAX_IMAGE_SIDE) are refused from their header with an ImageError.
-    `out`, if given, must be a writable C-contiguous float32 (3, H, W) array; it is filled
-    and returned.
-    """
-    return _with_opened(x, max_pixels, lambda img, name, owned: _pixels_of_decoded(img, name, owned, cfg, out))
 
 
 def preprocess(images: Any, cfg: PreprocessorConfig, out: np.ndarray | None = None,
