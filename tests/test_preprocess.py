@@ -461,10 +461,17 @@ def test_pixel_limit_default_and_parameter_checks(examples_dir):
             load_image(examples_dir / "cats.jpg", max_pixels=bad)
 
 
-def test_pillow_bomb_check_stays_a_second_line(monkeypatch, examples_dir):
+def test_pillow_limit_stays_a_second_line(monkeypatch, examples_dir):
+    """Code that lowers PIL.Image.MAX_IMAGE_PIXELS gets a refusal, where Pillow itself only warns (up to 2x)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.warns(Image.DecompressionBombWarning):
+        with pytest.raises(ImageError, match=r"image too large: 451 x 300 pixels \(135300\) exceeds Pillow's limit of 100000"):
+            load_image(examples_dir / "cats.jpg")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # Pillow raises DecompressionBombError above 2x
     with pytest.raises(ImageError, match=r"image bytes: image too large.*135300 pixels"):
         load_image((examples_dir / "cats.jpg").read_bytes())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert load_image(examples_dir / "cats.jpg").size == (451, 300)
 
 
 @pytest.mark.parametrize("array, message", [

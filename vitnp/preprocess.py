@@ -69,14 +69,15 @@ __all__ = [
 # Largest width x height decoded unless the caller passes its own limit. 40 MP (e.g. 7300 x 5475) is
 # above what phone cameras save by default (12-24 MP; their 48-200 MP sensors bin down) and what
 # most camera bodies save; a 224-pixel classifier gains nothing from more. It bounds one decode:
-# Pillow holds RGB at 4 bytes a pixel, so 160 MB for the largest PNG allowed, and JPEGs this large
-# are decoded at half scale (EXACT_DECODE_MAX_PIXELS), 40 MB. Pillow's own default is 89 MP.
+# Pillow holds RGB at 4 bytes a pixel, so 160 MB for the largest RGB PNG allowed (200 MB for a
+# grayscale or RGBA one, decoded and then converted), and JPEGs this large are decoded at half
+# scale (EXACT_DECODE_MAX_PIXELS), 40 MB. Pillow's own default is 89 MP.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
-# Longest side accepted, whatever the pixel limit. Pillow keeps one 8-byte row pointer per image row
-# in every copy of an image, so a 1 x 80,000,000 PNG (156 KB of zeros) costs 640 MB of pointers per
-# copy and > 2 GB to preprocess while being "only" 80 MP. 65,535 is the largest side a JPEG can
-# have; no camera or panorama mode writes a longer one.
+# Longest side accepted, whatever the pixel limit. Pillow keeps an 8-byte pointer per image row in
+# every copy of an image, so memory follows the height as well as the pixel count: a 1 x 80,000,000
+# PNG (156 KB of zeros) takes 2.3 GB to preprocess, a 1 x 40,000,000 one 1.1 GB. 65,535 is the
+# largest side a JPEG can have; camera and phone panorama images stay well below it.
 MAX_IMAGE_SIDE = 65_535
 
 # Images of up to this many pixels are decoded in full and preprocessed bit-identically to
@@ -96,16 +97,20 @@ TRIM_AFTER_PIXELS = 4_000_000
 # --------------------------------------------------------------------------- opening (header only)
 
 
-def _too_large_message(name: str, width: int, height: int, max_pixels: int) -> str:
-    if width * height > max_pixels:
-        return (f"{name}: image too large: {width} x {height} pixels ({width * height}) "
-                f"exceeds the limit of {max_pixels} pixels")
-    return f"{name}: image too large: {width} x {height} pixels; a side longer than {MAX_IMAGE_SIDE} is not accepted"
-
-
 def _check_size(name: str, width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels or max(width, height) > MAX_IMAGE_SIDE:
-        raise ImageError(_too_large_message(name, width, height, max_pixels))
+    """ImageError unless width x height is within max_pixels, each side within MAX_IMAGE_SIDE, and the
+    pixel count within Pillow's own limit: Pillow only warns between its limit and twice it, and
+    code that lowers Image.MAX_IMAGE_PIXELS means it as a limit, so it refuses here too."""
+    pixels = width * height
+    if pixels > max_pixels:
+        raise ImageError(f"{name}: image too large: {width} x {height} pixels ({pixels}) "
+                         f"exceeds the limit of {max_pixels} pixels")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageError(f"{name}: image too large: {width} x {height} pixels; "
+                         f"a side longer than {MAX_IMAGE_SIDE} is not accepted")
+    if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name}: image too large: {width} x {height} pixels ({pixels}) "
+                         f"exceeds Pillow's limit of {Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS)")
 
 
 def _decode_error(name: str, e: BaseException) -> ImageError:
@@ -117,8 +122,8 @@ def _decode_error(name: str, e: BaseException) -> ImageError:
     if isinstance(e, PermissionError):
         return ImageError(f"{name}: permission denied")
     if isinstance(e, Image.DecompressionBombError):
-        # Pillow's own check, a second line behind ours (it fires where a caller set
-        # Image.MAX_IMAGE_PIXELS below our limit); its message says how many pixels.
+        # Pillow's own check inside Image.open, before ours, where a caller set Image.MAX_IMAGE_PIXELS
+        # below half our limit; its message says how many pixels.
         return ImageError(f"{name}: image too large ({e})")
     if isinstance(e, Image.UnidentifiedImageError):
         return ImageError(f"{name}: not an image, or an image format PIL cannot read")
