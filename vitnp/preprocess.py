@@ -63,6 +63,7 @@ __all__ = [
     "load_image",
     "load_preprocessor_config",
     "preprocess",
+    "release_memory",
     "target_size",
 ]
 
