@@ -23,8 +23,11 @@ from PIL import Image
 from checkpoints import DEIT_BASE_PREPROCESSOR, VIT_BASE_PREPROCESSOR, tiny_preprocessor
 from vitnp.errors import ConfigError, ImageError, ParameterError
 from vitnp.preprocess import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
     PreprocessorConfig,
     default_preprocessor_config,
+    image_pixels,
     load_image,
     load_preprocessor_config,
     preprocess,
@@ -435,15 +438,39 @@ def test_truncated_files(tmp_path, examples_dir, fmt, keep):
         load_image(data)
 
 
-def test_decompression_bomb_error_and_warning_sizes(monkeypatch, examples_dir):
-    # cats.jpg is 451 x 300 = 135300 pixels
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # PIL only warns (<= 2x the limit)
-    with pytest.raises(ImageError, match=r"image too large: 451 x 300 pixels exceeds the limit 100000"):
-        load_image(examples_dir / "cats.jpg")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # PIL raises DecompressionBombError
-    with pytest.raises(ImageError, match=r"image too large: 451 x 300 pixels exceeds the limit 1000"):
+def test_pixel_limit_refuses_from_the_header(examples_dir):
+    """cats.jpg is 451 x 300 = 135300 pixels: refused under a lower max_pixels, by every entry point."""
+    cats = examples_dir / "cats.jpg"
+    cfg = default_preprocessor_config("vit")
+    message = r"image too large: 451 x 300 pixels \(135300\) exceeds the limit of 135299 pixels"
+    with pytest.raises(ImageError, match=r"cats\.jpg.*" + message):
+        load_image(cats, max_pixels=135_299)
+    with pytest.raises(ImageError, match=message):
+        image_pixels(cats.read_bytes(), cfg, max_pixels=135_299)
+    with pytest.raises(ImageError, match=message):
+        preprocess([cats, cats], cfg, max_pixels=135_299)
+    assert load_image(cats, max_pixels=135_300).size == (451, 300)
+    assert preprocess(cats, cfg, max_pixels=135_300).shape == (1, 3, 224, 224)
+    assert Image.MAX_IMAGE_PIXELS != 135_299  # the limit is a parameter, not Pillow's global
+
+
+def test_pixel_limit_default_and_parameter_checks(examples_dir):
+    assert 16_000_000 <= DEFAULT_MAX_IMAGE_PIXELS < Image.MAX_IMAGE_PIXELS  # lower than Pillow's 89 MP
+    for bad in (0, -5, 2.5, True, None, "40000000"):
+        with pytest.raises(ParameterError, match="max_pixels"):
+            load_image(examples_dir / "cats.jpg", max_pixels=bad)
+
+
+def test_pillow_limit_stays_a_second_line(monkeypatch, examples_dir):
+    """Code that lowers PIL.Image.MAX_IMAGE_PIXELS gets a refusal, where Pillow itself only warns (up to 2x)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
+    with pytest.warns(Image.DecompressionBombWarning):
+        with pytest.raises(ImageError, match=r"image too large: 451 x 300 pixels \(135300\) exceeds Pillow's limit of 100000"):
+            load_image(examples_dir / "cats.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # Pillow raises DecompressionBombError above 2x
+    with pytest.raises(ImageError, match=r"image bytes: image too large.*135300 pixels"):
         load_image((examples_dir / "cats.jpg").read_bytes())
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     assert load_image(examples_dir / "cats.jpg").size == (451, 300)
 
 
@@ -527,6 +554,36 @@ def test_malformed_json_names_the_file(tmp_path):
     ("image_processor_type", "ConvNextImageProcessor"),
     ("feature_extractor_type", 7),
     ("do_pad", True),
+    ("size", 30000),
+    ("size", {"height": 30000, "width": 30000}),
+    ("size", {"shortest_edge": 5000}),
+    ("size", {"shortest_edge": 0}),
+    ("size", [224, 224, 3]),
+    ("size", True),
+    ("size", [224.0, 224.0]),
+    ("crop_size", 4097),
+    ("crop_size", {"height": 0, "width": 224}),
+    ("crop_size", "224"),
+    ("resample", 2.0),
+    ("resample", -1),
+    ("image_mean", [0.5, float("inf"), 0.5]),
+    ("image_mean", "0.5"),
+    ("image_mean", [0.5, 0.5, 0.5, 0.5]),
+    ("image_mean", [0.5, None, 0.5]),
+    ("image_std", [0.5, -0.2, 0.5]),
+    ("image_std", -1.0),
+    ("image_std", [0.5, float("-inf"), 0.5]),
+    ("image_std", {"r": 0.5}),
+    ("rescale_factor", 0),
+    ("rescale_factor", float("nan")),
+    ("rescale_factor", float("inf")),
+    ("rescale_factor", True),
+    ("rescale_factor", [1 / 255]),
+    ("do_center_crop", "true"),
+    ("do_rescale", 0),
+    ("default_to_square", "no"),
+    ("do_pad", "no"),
+    ("image_processor_type", ["ViTImageProcessor"]),
 ])
 def test_bad_field_is_named(tmp_path, field, value):
     path = tmp_path / "preprocessor_config.json"
@@ -536,6 +593,34 @@ def test_bad_field_is_named(tmp_path, field, value):
     message = str(info.value)
     print(f"[error] {field}={value!r}: {message}")
     assert str(path) in message and f"'{field}'" in message
+
+
+@pytest.mark.parametrize("field, value", [
+    ("size", {"height": 30000, "width": 30000}),
+    ("crop_size", {"height": 224, "width": 5000}),
+    ("rescale_factor", -0.5),
+    ("image_std", [0.5, 0.5, 0.0]),
+])
+def test_bad_field_is_named_even_when_its_step_is_off(tmp_path, field, value):
+    """A file is valid or not as a whole: do_resize/do_center_crop/do_rescale/do_normalize false does not hide a bad value."""
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({"do_resize": False, "do_center_crop": False, "do_rescale": False,
+                                "do_normalize": False, field: value}))
+    with pytest.raises(ConfigError) as info:
+        load_preprocessor_config(path)
+    assert str(path) in str(info.value) and f"'{field}'" in str(info.value)
+
+
+def test_size_bound_is_inclusive(tmp_path):
+    from vitnp.processor_config import MAX_PROCESSOR_SIDE
+
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({"size": MAX_PROCESSOR_SIDE, "do_center_crop": True,
+                                "crop_size": {"height": MAX_PROCESSOR_SIDE, "width": 1}}))
+    cfg = load_preprocessor_config(path)
+    assert cfg.size == (MAX_PROCESSOR_SIDE, MAX_PROCESSOR_SIDE) and cfg.crop_size == (MAX_PROCESSOR_SIDE, 1)
+    path.write_text(json.dumps({"size": {"shortest_edge": MAX_PROCESSOR_SIDE}}))
+    assert load_preprocessor_config(path).shortest_edge == MAX_PROCESSOR_SIDE
 
 
 def test_center_crop_without_crop_size(tmp_path):
@@ -552,10 +637,18 @@ def test_bad_model_type_and_direct_construction():
         PreprocessorConfig(image_std=(1.0, 0.0, 1.0))
     with pytest.raises(ConfigError, match="crop_size"):
         PreprocessorConfig(do_center_crop=True)
+    with pytest.raises(ConfigError, match="'size'"):
+        PreprocessorConfig(size=(30000, 30000), do_center_crop=True, crop_size=(32, 32))
+    with pytest.raises(ConfigError, match="'image_std'"):
+        PreprocessorConfig(image_std=(1.0, -1.0, 1.0))
+    with pytest.raises(ConfigError, match="'rescale_factor'"):
+        PreprocessorConfig(rescale_factor=float("nan"))
+    with pytest.raises(ConfigError, match="'resample'"):
+        PreprocessorConfig(resample=7)
 
 
 def test_concurrent_loads_leave_warning_filters_untouched(examples_dir):
-    """load_image swaps warning filters under a lock; threads must not leave a stale filter list behind."""
+    """Decoding in threads must not leave the process-wide warning filters changed."""
     from concurrent.futures import ThreadPoolExecutor
 
     before = list(warnings.filters)
