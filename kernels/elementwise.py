@@ -317,4 +317,5 @@ def check_f32_contiguous(a, name):
         raise TypeError(f"{name} must be a float32 C-contiguous ndarray, got {got}")
 
 
-LAYERNORM_KERNELS = (_layernorm_rows,)  # the dispatchers whose compiled presence shows layernorm is ready
+# The dispatchers whose compiled presence (in this process or Numba's disk cache) shows layernorm is ready.
+LAYERNORM_KERNELS = (_layernorm_rows,)

@@ -170,4 +170,5 @@ def _scratch(workers, head_dim, seq):
     return cached[1]
 
 
-KERNELS = (_attention,)  # the dispatchers whose compiled presence shows attention is ready
+# The dispatchers whose compiled presence (in this process or Numba's disk cache) shows attention is ready.
+KERNELS = (_attention,)
