@@ -1,5 +1,5 @@
-"""LLVM-level helpers Numba does not expose: 2**n from exponent bits (for a vectorisable exp), a
-vectorisable max, a register-resident column softmax, software prefetch.
+"""LLVM-level helpers Numba does not expose: 2**n from exponent bits (for a vectorisable exp), vectorisable
+max / min / rint, a register-resident column softmax, software prefetch.
 
 Numba's on-disk cache (cache=True) is keyed on the source file of each jitted *caller*, so after editing
 this file delete kernels/__pycache__/*.nbi and *.nbc, or the callers keep their old machine code.
@@ -30,22 +30,36 @@ def exp2_int_float32(typingctx, n):
     return sig, codegen
 
 
-@intrinsic
-def maxnum_float32(typingctx, a, b):
-    """llvm.maxnum on float32: unlike Python's max (a compare-and-branch), LLVM vectorises it."""
-    if a != types.float32 or b != types.float32:
-        return None
-    sig = types.float32(types.float32, types.float32)
-
+def _float_codegen(name, arity):
+    """Codegen calling LLVM's llvm.<name>.f32 on float32 arguments."""
     def codegen(context, builder, signature, args):
         f32 = ir.FloatType()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32]), "llvm.maxnum.f32")
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * arity), f"llvm.{name}.f32")
         return builder.call(fn, args)
+    return codegen
 
-    return sig, codegen
+
+# LLVM's own maxnum / minnum / rint: unlike Python's max and min (compare and branch) and np.rint (a call per
+# element), loops over these vectorise (vmaxps, vminps, vroundps).
+@intrinsic
+def maxnum_float32(typingctx, a, b):
+    """llvm.maxnum on float32."""
+    return (types.float32(a, b), _float_codegen("maxnum", 2)) if a == b == types.float32 else None
 
 
-_EXP_CONSTANTS = dict(lo=-87.0, hi=88.0, log2e=1.4426950408889634, ln2_hi=0.693359375, ln2_lo=-2.12194440e-4,
+@intrinsic
+def minnum_float32(typingctx, a, b):
+    """llvm.minnum on float32."""
+    return (types.float32(a, b), _float_codegen("minnum", 2)) if a == b == types.float32 else None
+
+
+@intrinsic
+def rint_float32(typingctx, x):
+    """llvm.rint on float32: round half to even."""
+    return (types.float32(x), _float_codegen("rint", 1)) if x == types.float32 else None
+
+
+EXP_CONSTANTS = dict(lo=-87.0, hi=88.0, log2e=1.4426950408889634, ln2_hi=0.693359375, ln2_lo=-2.12194440e-4,
                       poly=(0.0013887316, 0.0083369026, 0.041666485, 0.16666655, 0.49999999, 1.0, 1.0))
 
 
@@ -64,7 +78,7 @@ def _vector_exp(builder, x, lanes):
     vmax = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec]), f"llvm.maxnum.{name}")
     vmin = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec]), f"llvm.minnum.{name}")
     floor = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec]), f"llvm.floor.{name}")
-    c = _EXP_CONSTANTS
+    c = EXP_CONSTANTS
 
     def const(value):
         return _vec_const(value, lanes)

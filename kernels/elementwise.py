@@ -8,7 +8,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._intrinsics import _EXP_CONSTANTS, exp2_int_float32, maxnum_float32
+from ._intrinsics import EXP_CONSTANTS, exp2_int_float32, maxnum_float32
 
 # erf(x) ~= x * P(x^2) on [-4, 4] (odd Chebyshev fit of degree 33, monomial form); |erf(x)| rounds to 1.0f
 # beyond 4 (erfc(4) = 1.5e-8).  Evaluated in float64 so the approximation, not the arithmetic, bounds
@@ -70,17 +70,12 @@ def erf64(x):
 
 # exp(x) for float32: x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-6 Taylor/minimax polynomial,
 # 2^n assembled from its exponent bits.  Inputs below -87 flush to ~1e-38 (fine for softmax weights).
-_EXP_LO = np.float32(-87.0)
-_EXP_HI = np.float32(88.0)
-_LOG2E = np.float32(1.4426950408889634)
+# The constants are _intrinsics.EXP_CONSTANTS, shared with the vector exp of the attention softmax.
+_EXP_LO = np.float32(EXP_CONSTANTS["lo"])
+_EXP_HI = np.float32(EXP_CONSTANTS["hi"])
+_LOG2E = np.float32(EXP_CONSTANTS["log2e"])
 _LN2 = 0.6931471805599453
-_EXP_P0 = np.float32(1.0)
-_EXP_P1 = np.float32(1.0)
-_EXP_P2 = np.float32(0.49999999)
-_EXP_P3 = np.float32(0.16666655)
-_EXP_P4 = np.float32(0.041666485)
-_EXP_P5 = np.float32(0.0083369026)
-_EXP_P6 = np.float32(0.0013887316)
+_EXP_P6, _EXP_P5, _EXP_P4, _EXP_P3, _EXP_P2, _EXP_P1, _EXP_P0 = (np.float32(c) for c in EXP_CONSTANTS["poly"])
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -175,8 +170,8 @@ _GELU_Q = tuple(np.float32(c) for c in (
 _GELU_Q0, _GELU_Q1, _GELU_Q2, _GELU_Q3, _GELU_Q4, _GELU_Q5, _GELU_Q6, _GELU_Q7, _GELU_Q8, _GELU_Q9, \
     _GELU_Q10 = _GELU_Q
 _HALF_SQUARE_MIN = np.float32(-60.0)  # exp(-u^2) floor: keeps h and x*h normal numbers (h < 1e-27 there)
-_LN2_HI = np.float32(_EXP_CONSTANTS["ln2_hi"])  # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI exact in 9 bits
-_LN2_LO = np.float32(_EXP_CONSTANTS["ln2_lo"])
+_LN2_HI = np.float32(EXP_CONSTANTS["ln2_hi"])  # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI exact in 9 bits
+_LN2_LO = np.float32(EXP_CONSTANTS["ln2_lo"])
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -320,3 +315,7 @@ def check_f32_contiguous(a, name):
     if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
         got = f"{a.dtype} {'C' if a.flags.c_contiguous else 'non-C'}-contiguous" if isinstance(a, np.ndarray) else type(a).__name__
         raise TypeError(f"{name} must be a float32 C-contiguous ndarray, got {got}")
+
+
+# The dispatchers whose compiled presence (in this process or Numba's disk cache) shows layernorm is ready.
+LAYERNORM_KERNELS = (_layernorm_rows,)

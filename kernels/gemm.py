@@ -24,6 +24,7 @@ from ._aligned import aligned_empty
 from ._microkernel import make_microkernel
 from .elementwise import gelu_inplace_serial
 from .isa import SPEC
+from .tiling import cdiv, task_bounds, task_count
 
 EPILOGUE_NONE = 0
 EPILOGUE_GELU = 1
@@ -47,21 +48,16 @@ _micro_small = make_microkernel(MR_SMALL, NR, SPEC.lanes, prefetch_b=True)
 
 
 @njit(cache=True, inline="always")
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
-@njit(cache=True, inline="always")
 def _row_block(rows):
     """Rows of A packed per slab: at most MC_MAX, split evenly, whole micro-panels."""
-    blocks = _cdiv(rows, MC_MAX)
-    return _cdiv(_cdiv(rows, blocks), MR) * MR
+    blocks = cdiv(rows, MC_MAX)
+    return cdiv(cdiv(rows, blocks), MR) * MR
 
 
 @njit(cache=True, fastmath=True)
 def _pack_a(x_flat, depth, r0, rows, k0, kc, a_buf):
     """a_buf[panel][p][i] = x[r0 + panel*MR + i, k0 + p], zero rows past `rows`."""
-    for panel in range(_cdiv(rows, MR)):
+    for panel in range(cdiv(rows, MR)):
         base = panel * kc * MR
         row = r0 + panel * MR
         valid = min(MR, r0 + rows - row)
@@ -146,7 +142,7 @@ def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_
     row_block = _row_block(r1 - r0)
     for m0 in range(r0, r1, row_block):
         m1 = min(m0 + row_block, r1)
-        row_panels = _cdiv(m1 - m0, MR)
+        row_panels = cdiv(m1 - m0, MR)
         for k0 in range(0, depth, KC):
             kc = min(KC, depth - k0)
             accumulate = k0 > 0 or epilogue == EPILOGUE_ADD
@@ -154,7 +150,7 @@ def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_
             _pack_a(x_flat, depth, m0, m1 - m0, k0, kc, a_buf)
             for s0 in range(c0, c1, NCS):
                 s1 = min(s0 + NCS, c1)
-                col_panels = _cdiv(s1 - s0, NR)
+                col_panels = cdiv(s1 - s0, NR)
                 full_col_panels = (s1 - s0) // NR
                 if pack_b:
                     _pack_b(w_flat, cols_total, k0, kc, s0, s1 - s0, b_buf)
@@ -196,11 +192,11 @@ def _run_task_panel_outer(x_flat, w_packed, bias, has_bias, out_flat, depth, col
     every worker would otherwise pack all of A, which for fc2 of ViT-B (K=3072) took 0.3 of 2.7 ms.
     Only the ragged last row panel is packed (zero rows), because the micro-kernel reads all MR rows."""
     rows = r1 - r0
-    row_panels = _cdiv(rows, MR)
+    row_panels = cdiv(rows, MR)
     full_row_panels = rows // MR
     ragged_rows = rows - full_row_panels * MR
-    padded_cols = _cdiv(cols_total, NR) * NR
-    col_panels = _cdiv(c1 - c0, NR)
+    padded_cols = cdiv(cols_total, NR) * NR
+    col_panels = cdiv(c1 - c0, NR)
     pf_shift = PF_SHIFT_MIN
     while (KC >> (pf_shift + 1)) * row_panels >= 2 * KC:  # sparsest prefetch whose calls still cover a panel
         pf_shift += 1
@@ -230,22 +226,6 @@ def _run_task_panel_outer(x_flat, w_packed, bias, has_bias, out_flat, depth, col
             _finish_tile(out_flat, cols_total, row, min(MR, r1 - row), c0, c1 - c0, bias, has_bias, epilogue)
 
 
-@njit(cache=True, inline="always")
-def _task_count(rows, cols, row_split, col_split):
-    """Tasks in the grid of row_split x col_split output blocks that both parallel drivers hand out."""
-    return _cdiv(rows, row_split) * _cdiv(cols, col_split)
-
-
-@njit(cache=True, inline="always")
-def _task_bounds(task, rows, cols, row_split, col_split):
-    """(r0, r1, c0, c1): the output block of grid task `task`, row-major over the grid."""
-    col_tasks = _cdiv(cols, col_split)
-    rt = task // col_tasks
-    r0 = rt * row_split
-    c0 = (task - rt * col_tasks) * col_split
-    return r0, min(r0 + row_split, rows), c0, min(c0 + col_split, cols)
-
-
 @njit(cache=True, fastmath=True, parallel=True)
 def _gemm_tasks(x, w_t_flat, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, b_bufs, c_begin,
                 c_end):
@@ -255,11 +235,11 @@ def _gemm_tasks(x, w_t_flat, bias, has_bias, out, epilogue, row_split, col_split
     cols = out.shape[1]
     x_flat = x.reshape(-1)
     out_flat = out.reshape(-1)
-    tasks = _task_count(rows, c_end - c_begin, row_split, col_split)
+    tasks = task_count(rows, c_end - c_begin, row_split, col_split)
     workers = a_bufs.shape[0]
     for w in prange(workers):
         for task in range(w, tasks, workers):
-            r0, r1, c0, c1 = _task_bounds(task, rows, c_end - c_begin, row_split, col_split)
+            r0, r1, c0, c1 = task_bounds(task, rows, c_end - c_begin, row_split, col_split)
             c0, c1 = c0 + c_begin, c1 + c_begin
             _run_task(x_flat, w_t_flat, bias, has_bias, out_flat, rows, depth, cols, epilogue,
                       r0, r1, c0, c1, a_bufs[w], b_bufs[w], r1 - r0 >= PACK_B_MIN_ROWS)
@@ -275,17 +255,17 @@ def _gemm_tasks_packed(x, w_packed, bias, has_bias, out, epilogue, row_split, co
     cols = out.shape[1]
     x_flat = x.reshape(-1)
     out_flat = out.reshape(-1)
-    tasks = _task_count(rows, c_end - c_begin, row_split, col_split)
+    tasks = task_count(rows, c_end - c_begin, row_split, col_split)
     workers = a_bufs.shape[0]
     for w in prange(workers):
         for task in range(w, tasks, workers):
-            r0, r1, c0, c1 = _task_bounds(task, rows, c_end - c_begin, row_split, col_split)
+            r0, r1, c0, c1 = task_bounds(task, rows, c_end - c_begin, row_split, col_split)
             c0, c1 = c0 + c_begin, c1 + c_begin
             # Many rows: row chunks of <= PANEL_OUTER_MAX_ROWS, each the panel-outer order (its A rows
             # stay in L2 while every B panel passes through L1 once); the pre-packed weight is streamed
             # once per chunk from L3 (ViT-B's largest is 9 MiB).  Chunks are whole micro-panels.
-            chunks = _cdiv(r1 - r0, PANEL_OUTER_MAX_ROWS)
-            chunk_rows = _cdiv(_cdiv(r1 - r0, chunks), MR) * MR
+            chunks = cdiv(r1 - r0, PANEL_OUTER_MAX_ROWS)
+            chunk_rows = cdiv(cdiv(r1 - r0, chunks), MR) * MR
             for q0 in range(r0, r1, chunk_rows):
                 _run_task_panel_outer(x_flat, w_packed, bias, has_bias, out_flat, depth, cols, epilogue,
                                       q0, min(q0 + chunk_rows, r1), c0, c1, a_bufs[w])
@@ -396,15 +376,18 @@ def pack_weight(w_t):
     contiguous run, instead of 128-byte pieces of w_t rows 3-12 KiB apart.  (Panels spanning all of K
     were tried: with K=3072 the panels start 384 KiB apart, all on the same L2 sets, and fc2 got slower.)
     """
-    padded, packed = _panel_buffer(*w_t.shape)
+    padded, packed = panel_buffer(*w_t.shape)
     _pack_panels(w_t, padded, packed)
     return packed
 
 
-def _panel_buffer(depth, cols):
+def panel_buffer(depth, cols):
     """(N rounded up to NR, a 64-byte aligned flat buffer for the packed (K, N) weight)."""
-    padded = _cdiv(cols, NR) * NR
+    padded = cdiv(cols, NR) * NR
     return padded, aligned_empty(1, max(1, depth * padded))[0]
+
+
+_panel_buffer = panel_buffer  # the name kernels/warmup.py calls until it uses panel_buffer
 
 
 @njit(cache=True)
@@ -425,7 +408,7 @@ def pack_weight_nk(weight):
     """pack_weight() of weight.T, read straight from an (N, K) float32 nn.Linear weight (any
     strides, read-only memory maps included): one pass, no transposed copy."""
     cols, depth = weight.shape
-    padded, packed = _panel_buffer(depth, cols)
+    padded, packed = panel_buffer(depth, cols)
     _pack_panels_nk(weight, padded, packed)
     return packed
 
@@ -452,7 +435,7 @@ def _pack_panels_nk(weight, padded, packed):
 @njit(cache=True)
 def _unpack_panels(packed, w_t):
     depth, cols = w_t.shape
-    padded = _cdiv(cols, NR) * NR
+    padded = cdiv(cols, NR) * NR
     for k0 in range(0, depth, KC):
         kc = min(KC, depth - k0)
         for panel in range(padded // NR):
@@ -490,3 +473,8 @@ def gemm_packed(x, packed, cols, bias, out, epilogue, columns=None):
     has_bias = bias is not None
     _gemm_tasks_packed(x, packed, bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
                        row_split, col_split, a_bufs, c_begin, c_end)
+
+
+# The dispatchers whose compiled presence (in this process or Numba's disk cache) shows a path is ready.
+FLOAT32_KERNELS = (_gemm_tasks_packed, _pack_panels, _pack_panels_nk)  # the pre-packed float32 GEMM
+BLAS_EPILOGUE_KERNELS = (apply_epilogue_inplace, add_product_inplace, _unpack_panels)  # the BLAS path's own

@@ -78,7 +78,7 @@ def host_isa(features=None) -> str:
     return "generic"
 
 
-def _is_x86() -> bool:
+def is_x86() -> bool:
     import platform
 
     return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
@@ -100,7 +100,7 @@ def _choose() -> tuple[str, bool]:
 
 def _retarget_numba(spec: IsaSpec) -> None:
     """Point Numba's code generator at a CPU of the forced ISA's class (before its first compile)."""
-    if not _is_x86():
+    if not is_x86():
         return  # the CPU names above are x86's; elsewhere the host target already is what runs
     os.environ["NUMBA_CPU_NAME"] = spec.cpu_name
     os.environ["NUMBA_CPU_FEATURES"] = spec.cpu_features

@@ -4,7 +4,7 @@
     layer(x, out, epilogue="none" | "gelu" | "add")
 
 int8: the weight is quantised once here (symmetric, per output channel) and the activations per row at
-run time; bf16: the weight is rounded to bfloat16 once.  The kernels are in qgemm.py.
+run time; bf16: the weight is rounded to bfloat16 once.  The kernels are in qgemm/.
 """
 from __future__ import annotations
 
@@ -14,27 +14,16 @@ from . import isa
 from . import qgemm
 from .linear import check_layer_call
 
-PRECISIONS = ("fp32", "bf16", "int8")
-REDUCED = ("bf16", "int8")
-
-_KIND_DESCRIPTION = {
-    "vnni": "int8 u8 x s8 dot products (AVX-512 VNNI vpdpbusd), int32 accumulation",
-    "madd": "int8 values as int16 pairs (vpmaddwd), exact int32 accumulation",
-    "dpbf16": "bf16 x bf16 dot products (AVX-512 BF16 vdpbf16ps), float32 accumulation",
-    "widen": "bf16 weights widened to float32 in registers, float32 FMA",
-}
-
-
-def kernel_for(precision: str) -> str:
-    if precision == "int8":
-        return qgemm.INT8_KIND
-    if precision == "bf16":
-        return qgemm.BF16_KIND
-    raise ValueError(f"precision must be one of {REDUCED} for QLinear, got {precision!r}")
+REDUCED = ("bf16", "int8")  # the precisions QLinear holds a weight in
 
 
 def describe_kernel(precision: str) -> str:
-    return "float32 GEMM" if precision == "fp32" else _KIND_DESCRIPTION[kernel_for(precision)]
+    """What the GEMM of `precision` ("fp32" or one of REDUCED) computes with in this process."""
+    if precision == "fp32":
+        return "float32 GEMM"
+    if precision not in REDUCED:
+        raise ValueError(f"precision must be fp32 or one of {REDUCED}, got {precision!r}")
+    return qgemm.DESCRIPTIONS[qgemm.KIND[precision]]
 
 
 class QLinear:
@@ -62,7 +51,7 @@ class QLinear:
                     raise ValueError(f"bias must have shape ({n_out},), got {bias.shape}")
                 bias = np.ascontiguousarray(bias, dtype=np.float32)
             pack = qgemm.pack_int8 if precision == "int8" else qgemm.pack_bf16
-            packed = pack(weight, bias, kernel_for(precision))
+            packed = pack(weight, bias, qgemm.KIND[precision])
             self.has_bias = bias is not None
         else:
             self.has_bias = bool(np.any(packed.bias))
@@ -89,7 +78,7 @@ class QLinear:
     def report(self):
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.has_bias,
                 "backend": "numba", "precision": self.precision, "kernel": self.kind,
-                "kernel_description": _KIND_DESCRIPTION[self.kind], "isa": isa.ISA,
+                "kernel_description": qgemm.DESCRIPTIONS[self.kind], "isa": isa.ISA,
                 "weight_layout": f"{self.kind} panels {qgemm.NR} columns x {qgemm.GROUP[self.kind]} k",
                 "weight_bytes": self.packed.nbytes}
 

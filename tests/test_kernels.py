@@ -37,8 +37,10 @@ def threads(request):
 def test_import_compiles_nothing():
     code = (
         "import numba, vitnp.kernels as k\n"
-        "from vitnp.kernels import elementwise, gemm, mha\n"
-        "compiled = [n for m in (elementwise, gemm, mha) for n, f in vars(m).items()\n"
+        "from vitnp.kernels import elementwise, gemm, mha, qgemm\n"
+        "from vitnp.kernels.qgemm import codegen, driver, pack, quantize\n"
+        "compiled = [n for m in (elementwise, gemm, mha, codegen, driver, pack, quantize)\n"
+        "            for n, f in vars(m).items()\n"
         "            if isinstance(f, numba.core.dispatcher.Dispatcher) and f.signatures]\n"
         "print(compiled)\n"
     )
@@ -345,6 +347,27 @@ def test_pack_weight_round_trips_and_pads_with_zeros():
     np.testing.assert_array_equal(panel[:, :6], w_t[kc:, 2 * nr:])
     assert not panel[:, 6:].any()
     np.testing.assert_array_equal(gemm_module.unpack_weight(packed, depth, cols), w_t)
+
+
+def test_public_kernel_lists_are_what_the_calls_compile():
+    """The dispatcher lists kernels/warmup.py checks for compiled code: each path's calls compile each of them."""
+    from vitnp.kernels import elementwise, mha
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((5, 24), dtype=np.float32), rng.standard_normal((40, 24), dtype=np.float32)
+    out = np.zeros((5, 40), np.float32)
+    gemm_module.gemm_packed(x, gemm_module.pack_weight(np.ascontiguousarray(w.T)), 40, None, out, "none")
+    gemm_module.pack_weight_nk(w)
+    gemm_module.apply_epilogue_inplace(out, np.zeros(40, np.float32), True, 0, 0, 40)
+    gemm_module.add_product_inplace(out, out.copy(), np.zeros(40, np.float32), True, 0)
+    padded, packed = gemm_module.panel_buffer(24, 40)
+    assert padded % gemm_module.NR == 0 and packed.size >= 24 * padded
+    gemm_module.unpack_weight(packed, 24, 40)
+    kernels.attention(rng.standard_normal((1, 5, 24), dtype=np.float32), np.empty((1, 5, 8), np.float32), 2)
+    kernels.layernorm(x, np.ones(24, np.float32), np.zeros(24, np.float32), 1e-6, np.empty_like(x))
+    for group in (gemm_module.FLOAT32_KERNELS, gemm_module.BLAS_EPILOGUE_KERNELS, mha.KERNELS,
+                  elementwise.LAYERNORM_KERNELS):
+        assert group and all(dispatcher.signatures for dispatcher in group), group
 
 
 @pytest.mark.parametrize("epilogue", ["none", "gelu", "add"])

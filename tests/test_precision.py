@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def ref_quantize_rows(x: np.ndarray):
-    """Asymmetric uint8 per row, as documented in kernels/qgemm.py (float32 arithmetic, round half to even)."""
+    """Asymmetric uint8 per row, as documented in kernels/qgemm/quantize.py (float32 arithmetic, round half to even)."""
     x = np.asarray(x, np.float32)
     lo = np.minimum(x.min(axis=1), np.float32(0))
     hi = np.maximum(x.max(axis=1), np.float32(0))
@@ -135,9 +135,11 @@ def test_weight_quantisation_matches_reference():
         np.testing.assert_array_equal(qgemm.unpack(packed), (q * scale[:, None]).astype(np.float32))
     bf = qgemm.pack_bf16(w, None)
     np.testing.assert_array_equal(qgemm.unpack(bf), ref_bf16(w).astype(np.float32))
-    # memory: int8 (plus per-channel terms) about a quarter of float32, bf16 about half
+    # memory: int8 (plus per-channel terms) about a quarter of float32 (half where the madd kind holds the
+    # values as int16), bf16 about half
     big = (rng.standard_normal((256, 512)) * 0.1).astype(np.float32)
-    assert QLinear(big, None, "int8").report()["weight_bytes"] <= 0.27 * big.nbytes
+    int8_share = 0.27 if qgemm.INT8_KIND == "vnni" else 0.52
+    assert QLinear(big, None, "int8").report()["weight_bytes"] <= int8_share * big.nbytes
     assert QLinear(big, None, "bf16").report()["weight_bytes"] <= 0.52 * big.nbytes
 
 
@@ -174,7 +176,7 @@ def kernel_loop_asm(kind):
     """Assembly of the micro-kernel's k loop for `kind`, compiled here without the on-disk cache."""
     from numba import njit
 
-    kernel = qgemm._micro
+    kernel = qgemm.make_qkernel(qgemm.MR)
 
     @njit
     def call(a, b, c, rs, rzp, cs, colsum, bias):
@@ -220,6 +222,27 @@ def check_loop(loop, kind):
         assert wider not in loop, f"{kind}: {wider} registers in a {isa.ISA} build:\n{loop}"
 
 
+def test_kernel_choice_from_the_environment():
+    """VITNP_INT8_KERNEL / VITNP_BF16_KERNEL pick a kind; auto or unset picks the preferred one this CPU runs;
+    anything else, or a kind the CPU lacks, is an IsaError naming the variable."""
+    from vitnp.kernels.qgemm import kinds
+
+    supported = qgemm.supported_kinds()
+    for precision, (variable, preferred, fallback) in kinds.CHOICES.items():
+        default = preferred if preferred in supported else fallback
+        assert kinds.choose(precision, {}) == default
+        assert kinds.choose(precision, {variable: " Auto "}) == default
+        assert kinds.choose(precision, {variable: fallback.upper()}) == fallback
+        if preferred in supported:
+            assert kinds.choose(precision, {variable: preferred}) == preferred
+        else:
+            with pytest.raises(isa.IsaError, match=f"{variable}={preferred}: not available"):
+                kinds.choose(precision, {variable: preferred})
+        with pytest.raises(isa.IsaError, match=f"{variable}='int4' is not one of {preferred}, {fallback}"):
+            kinds.choose(precision, {variable: "int4"})
+    assert (qgemm.KIND["int8"], qgemm.KIND["bf16"]) == (qgemm.INT8_KIND, qgemm.BF16_KIND)
+
+
 def test_int8_kernels_agree_bit_for_bit():
     """vnni and madd compute the same integer sums and the same epilogue: identical float32 results."""
     if "vnni" not in qgemm.supported_kinds():
@@ -233,6 +256,17 @@ def test_int8_kernels_agree_bit_for_bit():
         qgemm.qgemm(x, qgemm.pack_int8(w, None, kind), out)
         outs.append(out)
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_kernels_for_is_what_a_reduced_precision_call_compiles(precision):
+    """qgemm.kernels_for(precision), the dispatchers kernels/warmup.py checks for compiled code."""
+    rows = qgemm.SERIAL_PREPARE_MAX // 24 + 16  # activations prepared in parallel
+    layer = QLinear(np.ones((16, 24), np.float32), None, precision=precision)
+    layer(np.ones((rows, 24), np.float32), np.empty((rows, 16), np.float32))
+    assert all(dispatcher.signatures for dispatcher in qgemm.kernels_for(precision))
+    with pytest.raises(ValueError, match="int8 or bf16"):
+        qgemm.kernels_for("fp32")
 
 
 def test_qlinear_checks_its_arguments():
