@@ -1,0 +1,185 @@
+"""The models a server answers for, by name: the ones named on the command line, plus Hub ids / bundled
+models loaded on a request's demand (503 + estimated_time while they load).
+
+A name from a URL is only ever looked up as an alias of a loaded model, a bundled:<name>, or a Hub id
+resolved through huggingface_hub's cache: never as a filesystem path (vitnp.hub checks it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from .batching import EngineWorker, ModelWorker
+from .errors import ModelLoadingError, ModelNotFoundError, ModelUnavailableError, VitnpError
+from .hub import check_not_a_path, check_url_model_exists, check_url_name
+from .options import EngineOptions, ServingOptions
+from .startup import NamedModel, load_classifier, start_worker
+
+log = logging.getLogger("vitnp.server")
+
+# Before any load has been timed, tell clients to retry after this many seconds.
+DEFAULT_LOAD_ESTIMATE_S = 10.0
+# A failed on-demand load is answered from memory for this long instead of being retried.
+FAILED_LOAD_MEMORY_S = 60.0
+
+
+@dataclass
+class Loading:
+    """An on-demand load under way."""
+
+    started: float
+    future: asyncio.Future
+
+
+class ModelRegistry:
+    """Name -> ModelWorker. Startup models are added before the port opens (`load` + `add`); with
+    load_on_demand, `get` loads a URL's model in the background."""
+
+    def __init__(self, serving: ServingOptions, engine: EngineOptions | None = None, load_on_demand: bool = False,
+                 revision: str | None = None):
+        """engine: how `load` loads models (default: EngineOptions())."""
+        self.serving = serving
+        self.engine = engine if engine is not None else EngineOptions()
+        self.load_on_demand = load_on_demand
+        self.revision = revision
+        self.default: str | None = None
+        self._workers: dict[str, ModelWorker] = {}    # canonical name -> worker
+        self._names: dict[str, str] = {}              # canonical name or alias -> canonical name
+        self._loading: dict[str, Loading] = {}
+        self._failed: dict[str, tuple[float, VitnpError]] = {}
+        self._load_seconds: list[float] = []
+        self._closed = False
+
+    # ------------------------------------------------------------------ adding models
+
+    def load(self, model: NamedModel) -> EngineWorker:
+        """Load, warm up and start a model on an engine thread (not yet added); raises VitnpError."""
+        t0 = time.perf_counter()
+        classifier = load_classifier(model.spec, self.engine, revision=self.revision, progress=False)
+        worker = start_worker(EngineWorker, model.name, model.aliases, classifier, self.serving)
+        self._load_seconds.append(time.perf_counter() - t0)
+        return worker
+
+    def add(self, worker: ModelWorker) -> None:
+        """Serve a started worker under its name and aliases (an alias another model has is dropped); the
+        first one added is the default for POST /."""
+        if worker.name in self._names:
+            raise ModelNotFoundError(f"two models are both named {worker.name!r}")
+        worker.aliases = tuple(a for a in worker.aliases if a not in self._names)
+        self._workers[worker.name] = worker
+        for n in (worker.name, *worker.aliases):
+            self._names[n] = worker.name
+        if self.default is None:
+            self.default = worker.name
+
+    # ------------------------------------------------------------------ lookup
+
+    def models(self) -> list[dict]:
+        out = []
+        for name, worker in self._workers.items():
+            entry = worker.info()
+            entry["default"] = name == self.default
+            out.append(entry)
+        for name, loading in self._loading.items():
+            out.append({"model_id": name, "status": "loading", "estimated_time": self._estimated_time(loading)})
+        return out
+
+    def lookup(self, name: str) -> ModelWorker | None:
+        canonical = self._names.get(name)
+        return self._workers.get(canonical) if canonical is not None else None
+
+    async def get(self, name: str | None, wait_for_model: bool = False) -> ModelWorker:
+        """The worker for a model name from a request; may start an on-demand load (ModelLoadingError)."""
+        if name is None:
+            if self.default is None:
+                raise ModelNotFoundError("this server has no default model: POST to /models/<model id>")
+            name = self.default
+        worker = self.lookup(name)
+        if worker is not None:
+            return worker
+        loading = self._loading.get(name)
+        if loading is None:
+            check_url_name(name)
+            if not self.load_on_demand or self._closed:
+                raise ModelNotFoundError(f"Model {name} is not loaded on this server")
+            self._raise_recent_failure(name)
+            # Find out whether the model exists before promising it with a 503.
+            await asyncio.get_running_loop().run_in_executor(None, check_url_model_exists, name, self.revision)
+            worker = self.lookup(name)  # another request may have finished loading it meanwhile
+            if worker is not None:
+                return worker
+            loading = self._loading.get(name) or self._start_loading(name)
+        if not wait_for_model:
+            raise ModelLoadingError(name, self._estimated_time(loading))
+        return await asyncio.shield(loading.future)
+
+    # ------------------------------------------------------------------ on-demand loading
+
+    def _raise_recent_failure(self, name: str) -> None:
+        failed = self._failed.get(name)
+        if failed is not None:
+            when, error = failed
+            if time.monotonic() - when < FAILED_LOAD_MEMORY_S:
+                raise error
+            del self._failed[name]
+
+    def _estimated_time(self, loading: Loading) -> float:
+        expected = max(self._load_seconds) if self._load_seconds else DEFAULT_LOAD_ESTIMATE_S
+        return round(max(1.0, expected - (time.monotonic() - loading.started)), 1)
+
+    def _start_loading(self, name: str) -> Loading:
+        loop = asyncio.get_running_loop()
+        loading = Loading(time.monotonic(), loop.create_future())
+        self._loading[name] = loading
+        threading.Thread(target=self._load_on_demand, args=(name, loop, loading.future),
+                         name=f"vitnp-load[{name}]", daemon=True).start()
+        log.info("loading model %s on demand", name)
+        return loading
+
+    def _load_on_demand(self, name: str, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        t0 = time.perf_counter()
+        try:
+            check_not_a_path(name)
+            worker = self.load(NamedModel(name, (), name))
+        except Exception as e:  # noqa: BLE001 - reported to the waiting requests, logged here
+            if isinstance(e, (ModelNotFoundError, ConnectionError)):
+                log.warning("on-demand load of %s failed: %s", name, e)
+                error: BaseException = ModelNotFoundError(f"Model {name} does not exist or is not available "
+                                                          "on this server")
+            elif isinstance(e, VitnpError):
+                log.warning("on-demand load of %s failed: %s", name, e)
+                error = ModelUnavailableError(f"Model {name} cannot be served: it is not a supported "
+                                              "ViT/DeiT image-classification checkpoint")
+            else:
+                log.exception("on-demand load of %s failed", name)
+                error = e
+            loop.call_soon_threadsafe(self._finish_loading, name, future, None, error)
+            return
+        log.info("model %s loaded on demand in %.1fs", name, time.perf_counter() - t0)
+        loop.call_soon_threadsafe(self._finish_loading, name, future, worker, None)
+
+    def _finish_loading(self, name: str, future: asyncio.Future, worker: ModelWorker | None,
+                        error: BaseException | None) -> None:
+        self._loading.pop(name, None)
+        if worker is not None:
+            if self._closed:
+                worker.close()
+            else:
+                self.add(worker)
+            future.set_result(worker)
+            return
+        if isinstance(error, VitnpError):
+            self._failed[name] = (time.monotonic(), error)
+        future.set_exception(error)
+        # Nobody may be waiting for this load; mark the exception as seen so asyncio does not log it.
+        future.exception()
+
+    def close(self) -> None:
+        """Stop every worker after it has finished its queued jobs."""
+        self._closed = True
+        for worker in self._workers.values():
+            worker.close()
