@@ -310,7 +310,7 @@ def _to_arrow(col):
 
 
 def run_job(paths: list[str], model: SharedModel, output: str | os.PathLike, workers: int = 1,
-            threads: int | None = None, batch_size: int = 8, top_k: int = 5,
+            threads: int | None = None, batch_size: int = ClassifyOptions.batch_size, top_k: int = DEFAULT_TOP_K,
             function_to_apply: str | None = None) -> tuple[int, int]:
     """Classify `paths` on the connected Ray cluster and write `output` (.parquet or .jsonl) as rows finish,
     in input order. Returns (rows written, rows with an error)."""

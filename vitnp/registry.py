@@ -65,11 +65,9 @@ class ModelRegistry:
         return worker
 
     def add(self, worker: ModelWorker) -> None:
-        """Serve a started worker under its name and aliases (an alias another model has is dropped); the
-        first one added is the default for POST /."""
-        if worker.name in self._names:
-            raise ModelNotFoundError(f"two models are both named {worker.name!r}")
-        worker.aliases = tuple(a for a in worker.aliases if a not in self._names)
+        """Serve a started worker under its name and aliases (startup.name_models gave the startup models
+        distinct names; an on-demand model is named by a URL no model answers to); the first one added is
+        the default for POST /."""
         self._workers[worker.name] = worker
         for n in (worker.name, *worker.aliases):
             self._names[n] = worker.name
