@@ -144,18 +144,7 @@ class ModelRegistry:
             check_not_a_path(name)
             worker = self.load(NamedModel(name, (), name))
         except Exception as e:  # noqa: BLE001 - reported to the waiting requests, logged here
-            if isinstance(e, (ModelNotFoundError, ConnectionError)):
-                log.warning("on-demand load of %s failed: %s", name, e)
-                error: BaseException = ModelNotFoundError(f"Model {name} does not exist or is not available "
-                                                          "on this server")
-            elif isinstance(e, VitnpError):
-                log.warning("on-demand load of %s failed: %s", name, e)
-                error = ModelUnavailableError(f"Model {name} cannot be served: it is not a supported "
-                                              "ViT/DeiT image-classification checkpoint")
-            else:
-                log.exception("on-demand load of %s failed", name)
-                error = e
-            loop.call_soon_threadsafe(self._finish_loading, name, future, None, error)
+            loop.call_soon_threadsafe(self._finish_loading, name, future, None, load_failure(name, e))
             return
         log.info("model %s loaded on demand in %.1fs", name, time.perf_counter() - t0)
         loop.call_soon_threadsafe(self._finish_loading, name, future, worker, None)
@@ -181,3 +170,16 @@ class ModelRegistry:
         self._closed = True
         for worker in self._workers.values():
             worker.close()
+
+
+def load_failure(name: str, e: Exception) -> BaseException:
+    """What the requests waiting for a failed on-demand load hear (the details go to the log only)."""
+    if isinstance(e, (ModelNotFoundError, ConnectionError)):
+        log.warning("on-demand load of %s failed: %s", name, e)
+        return ModelNotFoundError(f"Model {name} does not exist or is not available on this server")
+    if isinstance(e, VitnpError):
+        log.warning("on-demand load of %s failed: %s", name, e)
+        return ModelUnavailableError(f"Model {name} cannot be served: it is not a supported ViT/DeiT "
+                                     "image-classification checkpoint")
+    log.exception("on-demand load of %s failed", name, exc_info=e)
+    return e
