@@ -196,7 +196,7 @@ class EngineWorker(ModelWorker):
             now = time.monotonic()
             if now < deadline:
                 timeout = deadline - now
-            elif self._waiting > len(batch) and now < grace_deadline:
+            elif self.waiting > len(batch) and now < grace_deadline:
                 timeout = min(GRACE_POLL_S, grace_deadline - now)
             else:
                 timeout = 0.0

@@ -37,31 +37,27 @@ class Loading:
 
 class ModelRegistry:
     """Name -> ModelWorker. Startup models are added before the port opens (`load` + `add`); with
-    load_on_demand, `get` loads a URL's model in the background."""
+    load_on_demand, `get` has a URL's model loaded in the background (OnDemandLoader)."""
 
     def __init__(self, serving: ServingOptions, engine: EngineOptions | None = None, load_on_demand: bool = False,
                  revision: str | None = None):
         """engine: how `load` loads models (default: EngineOptions())."""
         self.serving = serving
         self.engine = engine if engine is not None else EngineOptions()
-        self.load_on_demand = load_on_demand
         self.revision = revision
+        self.on_demand = OnDemandLoader(self) if load_on_demand else None
         self.default: str | None = None
+        self.load_seconds: list[float] = []           # how long each load took (load + warm-up)
+        self.closed = False
         self._workers: dict[str, ModelWorker] = {}    # canonical name -> worker
         self._names: dict[str, str] = {}              # canonical name or alias -> canonical name
-        self._loading: dict[str, Loading] = {}
-        self._failed: dict[str, tuple[float, VitnpError]] = {}
-        self._load_seconds: list[float] = []
-        self._closed = False
-
-    # ------------------------------------------------------------------ adding models
 
     def load(self, model: NamedModel) -> EngineWorker:
         """Load, warm up and start a model on an engine thread (not yet added); raises VitnpError."""
         t0 = time.perf_counter()
         classifier = load_classifier(model.spec, self.engine, revision=self.revision, progress=False)
         worker = start_worker(EngineWorker, model.name, model.aliases, classifier, self.serving)
-        self._load_seconds.append(time.perf_counter() - t0)
+        self.load_seconds.append(time.perf_counter() - t0)
         return worker
 
     def add(self, worker: ModelWorker) -> None:
@@ -74,17 +70,13 @@ class ModelRegistry:
         if self.default is None:
             self.default = worker.name
 
-    # ------------------------------------------------------------------ lookup
-
     def models(self) -> list[dict]:
         out = []
         for name, worker in self._workers.items():
             entry = worker.info()
             entry["default"] = name == self.default
             out.append(entry)
-        for name, loading in self._loading.items():
-            out.append({"model_id": name, "status": "loading", "estimated_time": self._estimated_time(loading)})
-        return out
+        return out + (self.on_demand.models() if self.on_demand is not None else [])
 
     def lookup(self, name: str) -> ModelWorker | None:
         canonical = self._names.get(name)
@@ -99,64 +91,87 @@ class ModelRegistry:
         worker = self.lookup(name)
         if worker is not None:
             return worker
-        loading = self._loading.get(name)
+        loading = self.on_demand.loading.get(name) if self.on_demand is not None else None
         if loading is None:
             check_url_name(name)
-            if not self.load_on_demand or self._closed:
+            if self.on_demand is None or self.closed:
                 raise ModelNotFoundError(f"Model {name} is not loaded on this server")
-            self._raise_recent_failure(name)
-            # Find out whether the model exists before promising it with a 503.
-            await asyncio.get_running_loop().run_in_executor(None, check_url_model_exists, name, self.revision)
-            worker = self.lookup(name)  # another request may have finished loading it meanwhile
-            if worker is not None:
-                return worker
-            loading = self._loading.get(name) or self._start_loading(name)
+            found = await self.on_demand.start(name)
+            if isinstance(found, ModelWorker):  # another request finished loading it meanwhile
+                return found
+            loading = found
         if not wait_for_model:
-            raise ModelLoadingError(name, self._estimated_time(loading))
+            raise ModelLoadingError(name, self.on_demand.estimated_time(loading))
         return await asyncio.shield(loading.future)
 
-    # ------------------------------------------------------------------ on-demand loading
+    def close(self) -> None:
+        """Stop every worker after it has finished its queued jobs."""
+        self.closed = True
+        for worker in self._workers.values():
+            worker.close()
 
-    def _raise_recent_failure(self, name: str) -> None:
+
+class OnDemandLoader:
+    """Loads the models that URLs name, in the background, into a registry: one load per name at a time,
+    clients told how long to wait (the slowest load so far), a failure remembered for FAILED_LOAD_MEMORY_S."""
+
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+        self.loading: dict[str, Loading] = {}
+        self._failed: dict[str, tuple[float, VitnpError]] = {}
+
+    def models(self) -> list[dict]:
+        return [{"model_id": name, "status": "loading", "estimated_time": self.estimated_time(loading)}
+                for name, loading in self.loading.items()]
+
+    def estimated_time(self, loading: Loading) -> float:
+        seconds = self.registry.load_seconds
+        expected = max(seconds) if seconds else DEFAULT_LOAD_ESTIMATE_S
+        return round(max(1.0, expected - (time.monotonic() - loading.started)), 1)
+
+    async def start(self, name: str) -> Loading | ModelWorker:
+        """The load of a valid URL model name, started unless one is under way; or its worker, if a load
+        finished meanwhile. Raises ModelNotFoundError (or a recent failure) instead of promising a model that
+        is not there."""
         failed = self._failed.get(name)
         if failed is not None:
             when, error = failed
             if time.monotonic() - when < FAILED_LOAD_MEMORY_S:
                 raise error
             del self._failed[name]
-
-    def _estimated_time(self, loading: Loading) -> float:
-        expected = max(self._load_seconds) if self._load_seconds else DEFAULT_LOAD_ESTIMATE_S
-        return round(max(1.0, expected - (time.monotonic() - loading.started)), 1)
-
-    def _start_loading(self, name: str) -> Loading:
-        loop = asyncio.get_running_loop()
-        loading = Loading(time.monotonic(), loop.create_future())
-        self._loading[name] = loading
-        threading.Thread(target=self._load_on_demand, args=(name, loop, loading.future),
-                         name=f"vitnp-load[{name}]", daemon=True).start()
-        log.info("loading model %s on demand", name)
+        await asyncio.get_running_loop().run_in_executor(None, check_url_model_exists, name,
+                                                         self.registry.revision)
+        worker = self.registry.lookup(name)
+        if worker is not None:
+            return worker
+        loading = self.loading.get(name)
+        if loading is None:
+            loop = asyncio.get_running_loop()
+            loading = self.loading[name] = Loading(time.monotonic(), loop.create_future())
+            threading.Thread(target=self._load, args=(name, loop, loading.future), name=f"vitnp-load[{name}]",
+                             daemon=True).start()
+            log.info("loading model %s on demand", name)
         return loading
 
-    def _load_on_demand(self, name: str, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+    def _load(self, name: str, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
         t0 = time.perf_counter()
         try:
             check_not_a_path(name)
-            worker = self.load(NamedModel(name, (), name))
+            worker = self.registry.load(NamedModel(name, (), name))
         except Exception as e:  # noqa: BLE001 - reported to the waiting requests, logged here
-            loop.call_soon_threadsafe(self._finish_loading, name, future, None, load_failure(name, e))
+            loop.call_soon_threadsafe(self._finish, name, future, None, load_failure(name, e))
             return
         log.info("model %s loaded on demand in %.1fs", name, time.perf_counter() - t0)
-        loop.call_soon_threadsafe(self._finish_loading, name, future, worker, None)
+        loop.call_soon_threadsafe(self._finish, name, future, worker, None)
 
-    def _finish_loading(self, name: str, future: asyncio.Future, worker: ModelWorker | None,
-                        error: BaseException | None) -> None:
-        self._loading.pop(name, None)
+    def _finish(self, name: str, future: asyncio.Future, worker: ModelWorker | None,
+                error: BaseException | None) -> None:
+        self.loading.pop(name, None)
         if worker is not None:
-            if self._closed:
+            if self.registry.closed:
                 worker.close()
             else:
-                self.add(worker)
+                self.registry.add(worker)
             future.set_result(worker)
             return
         if isinstance(error, VitnpError):
@@ -164,12 +179,6 @@ class ModelRegistry:
         future.set_exception(error)
         # Nobody may be waiting for this load; mark the exception as seen so asyncio does not log it.
         future.exception()
-
-    def close(self) -> None:
-        """Stop every worker after it has finished its queued jobs."""
-        self._closed = True
-        for worker in self._workers.values():
-            worker.close()
 
 
 def load_failure(name: str, e: Exception) -> BaseException:
