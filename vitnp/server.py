@@ -9,7 +9,8 @@ Routes: POST /, POST /models/{model_id}, POST /hf-inference/models/{model_id}, G
 A body is raw image bytes (any Content-Type or none) or JSON {"inputs": "<base64>", "parameters": {...}}.
 
 This module is the HTTP layer only: it reads and checks requests, and maps the batching layer's results and
-errors (vitnp.batching) to responses. It never touches pixel arrays.
+errors (vitnp.batching, vitnp.errors) to responses. It never touches pixel arrays.  `run_server` runs it for
+`vitnp serve` from a ServerOptions (vitnp.cli reads the command line); Ray Serve replicas run `create_app`.
 """
 
 from __future__ import annotations
