@@ -149,3 +149,35 @@ def test_cli_process_does_not_load_scipy_blas_for_numba(examples_dir):
                          capture_output=True, text=True, timeout=300)
     assert run.stdout.splitlines()[-1] == "0 False", run.stderr[-2000:]
     assert "  3\n" in run.stdout or " 3\n" in run.stdout
+
+
+@pytest.mark.parametrize("command", [["classify", "digits"], ["serve"]])
+def test_a_backend_with_int8_is_a_clear_error(command, examples_dir):
+    """Under int8 no layer is float32, so a GEMM backend choice would be ignored: the command refuses it."""
+    result = run_cli(*command, "--model", "bundled:digits", "--backend", "blas", "--precision", "int8",
+                     cwd=examples_dir)
+    assert result.returncode == 2, result.stderr
+    assert "backend 'blas' has no effect with precision 'int8'" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_command_lines_become_settings_values(monkeypatch):
+    from vitnp.cli import parse_command
+    from vitnp.options import ClassifyOptions, EngineOptions, RayOptions, ServingOptions
+
+    monkeypatch.delenv("VITNP_API_TOKEN", raising=False)
+    plain = parse_command(["serve", "--model", "bundled:digits"])
+    assert plain.serving == ServingOptions() and plain.engine == EngineOptions() and plain.ray is None
+    assert plain.models == ("bundled:digits",) and plain.token is None
+    tuned = parse_command(["serve", "-m", "a/b", "-m", "c/d", "--max-batch-size", "4", "--max-wait-ms", "20",
+                           "--threads", "2", "--precision", "bf16", "--ray", "--autoscale", "1:3"])
+    assert tuned.models == ("a/b", "c/d") and tuned.engine == EngineOptions("auto", "bf16", 2)
+    assert (tuned.serving.max_batch_size, tuned.serving.max_wait_s) == (4, 0.02)
+    assert tuned.serving.warmup_batch_sizes == (1, 4)
+    assert tuned.ray == RayOptions(autoscale=(1, 3))
+    assert parse_command(["classify", "x.jpg"]) == ClassifyOptions(inputs=("x.jpg",))
+    job = parse_command(["classify", "x.jpg", "y/", "--ray", "--workers", "2", "-o", "out.parquet",
+                         "--backend", "numba"])
+    assert job.ray == RayOptions(workers=2) and job.output == "out.parquet"
+    assert job.engine.with_fixed_layout() == EngineOptions("numba")
+    assert parse_command(["classify", "x.jpg"]).engine.with_fixed_layout() == EngineOptions("numba")

@@ -461,15 +461,17 @@ def test_base_models_int8_error_no_larger_than_onnxruntime_int8(request, fixture
 
 
 def test_server_loads_models_in_the_requested_precision():
-    from vitnp.batching import BatchingOptions, ModelRegistry
-    from vitnp.server import build_parser
+    from vitnp.cli import parse_command
+    from vitnp.options import ServingOptions
+    from vitnp.registry import ModelRegistry
+    from vitnp.startup import name_models
 
-    args = build_parser().parse_args(["--model", "bundled:digits", "--precision", "int8"])
-    assert args.precision == "int8"
-    assert build_parser().parse_args(["--model", "bundled:digits"]).precision == "fp32"
-    registry = ModelRegistry(BatchingOptions(), warmup=False, precision=args.precision)
+    options = parse_command(["serve", "--model", "bundled:digits", "--precision", "int8"])
+    assert options.engine.precision == "int8"
+    assert parse_command(["serve", "--model", "bundled:digits"]).engine.precision == "fp32"
+    registry = ModelRegistry(ServingOptions(warmup=False), options.engine)
     try:
-        worker = registry.load_startup_model("bundled:digits")
+        worker = registry.load(name_models(options.models)[0])
         assert worker.classifier.precision == "int8"
         assert worker.classifier.backend_report()["layers"]["fc1"]["precision"] == "int8"
     finally:

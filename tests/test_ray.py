@@ -294,7 +294,7 @@ def test_cli_ray_writes_complete_parquet(lib, image_dir, tmp_path):
                     "--backend", BACKEND, "--top-k", "3")
     local_records = [json.loads(line) for line in local.stdout.splitlines()]
     # Rows come in input order (the local CLI prints a batch's errors before its results).
-    from vitnp.cli import find_images
+    from vitnp.files import find_images
 
     assert [r["path"] for r in rows] == find_images([str(image_dir / "digit-[0-4]-*.png"), str(image_dir)])
     local_records.sort(key=lambda r: r["path"])

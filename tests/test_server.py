@@ -406,6 +406,7 @@ def test_unknown_model_without_load_on_demand_is_404(guarded_server, cats):
     (["--model", "/nonexistent/checkpoint-dir"], {}, "cannot load"),
     (["--load-on-demand", "--token-env", "VITNP_TEST_UNSET_VARIABLE"], {}, "VITNP_TEST_UNSET_VARIABLE"),
     ([], {}, "--model"),
+    (["--model", "bundled:digits", "--model", "bundled:digits"], {}, "both named 'bundled:digits'"),
 ])
 def test_serve_refuses_to_start(args, env, fragment):
     done = subprocess.run([sys.executable, "-m", "vitnp", "serve", "--port", str(free_port()), *args],
@@ -450,6 +451,26 @@ def test_slow_client_times_out_without_holding_the_engine(server, lib_vit, cats)
             reply += chunk
     assert int(reply.split(b" ", 2)[1]) == 408, reply
     assert b"not received within 3 seconds" in reply
+
+
+def test_worker_forward_pass_matches_the_library(lib_vit, cats, coffee):
+    """The batching worker's public interface (what the engine thread and Ray Serve's @serve.batch both call):
+    one forward pass over several jobs, each with its own parameters, answers as the library does."""
+    from vitnp.batching import Job, ModelWorker
+    from vitnp.options import ServingOptions
+
+    worker = ModelWorker("tiny", lib_vit, ServingOptions(max_batch_size=4, max_queue=3))
+    items = [(cats, 3, None), (coffee, 5, "sigmoid"), (cats, 1, "none")]
+    jobs = [Job(worker.decode(image), top_k, fn) for image, top_k, fn in items]
+    for _ in jobs:
+        worker.admit()
+    assert worker.waiting == 3
+    with pytest.raises(vitnp.errors.QueueFullError):
+        worker.admit()
+    worker.leave_queue(len(jobs))
+    assert worker.waiting == 0
+    assert worker.forward(jobs) == [lib_vit.classify(image, top_k=top_k, function_to_apply=fn)
+                                    for image, top_k, fn in items]
 
 
 def test_internal_errors_are_generic_500_and_logged(caplog):

@@ -44,7 +44,7 @@ def __getattr__(name):
 
 
 _SUBMODULES = ("kernels", "classifier", "config", "weights", "model", "preprocess", "postprocess", "hub",
-               "batching", "server", "cli", "ray")
+               "options", "files", "startup", "batching", "registry", "server", "cli", "ray")
 
 __all__ = [
     "Classifier", "classify", "load", "errors", "VitnpError", "ImageError", "ParameterError", "ConfigError",

@@ -1,19 +1,40 @@
-"""The `vitnp` command: `vitnp classify ...` and `vitnp serve ...`."""
+"""The `vitnp` command: `vitnp classify ...`, `vitnp serve ...` (each also `--ray`), `vitnp --version`.
+
+This is the one module that reads argv: it parses every command line into the settings values of
+vitnp.options (ClassifyOptions, ServerOptions, holding EngineOptions, ServingOptions and RayOptions), which
+validate themselves, and hands them to the code that runs the command.  The parsers' defaults are those
+values' defaults.
+"""
 
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import logging
+import math
 import os
 import sys
-from pathlib import Path
 
-DEFAULT_MODEL = "google/vit-base-patch16-224"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
-# Below this many images a progress bar is noise.
-PROGRESS_MIN_IMAGES = 16
+from .errors import ParameterError
+from .postprocess import FUNCTIONS
+from .options import (
+    BACKENDS,
+    DEFAULT_MODEL,
+    LOG_LEVELS,
+    PRECISIONS,
+    ClassifyOptions,
+    EngineOptions,
+    RayOptions,
+    ServerOptions,
+    ServingOptions,
+    defaults,
+)
+
+DEFAULT_TOKEN_ENV = "VITNP_API_TOKEN"
+PRECISION_HELP = ("weights in float32 (default: parity with transformers), bfloat16, or int8 with dynamic "
+                  "activation quantisation (see docs/precision.md)")
+
+
+# --------------------------------------------------------------------------- argument types
 
 
 def positive_int(text: str) -> int:
@@ -26,13 +47,49 @@ def positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitnp", description="ViT / DeiT image classification in NumPy + Numba.")
-    parser.add_argument("--version", action=VersionAction, nargs=0,
-                        help="show the version, the CPU and which kernel ISA runs, and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
 
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def replica_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    try:
+        lo_n, hi_n = int(lo), int(hi)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX replicas, got {text!r}") from None
+    if not sep or lo_n < 1 or hi_n < lo_n:
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return lo_n, hi_n
+
+
+# --------------------------------------------------------------------------- the parsers
+
+
+def add_classify_parser(sub) -> None:
+    job = defaults(ClassifyOptions)
     c = sub.add_parser("classify", help="classify image files or directories of images",
                        description="Classify images. Directories are searched recursively for image files.")
     c.add_argument("inputs", nargs="+", metavar="IMAGE_DIR_OR_GLOB")
@@ -41,15 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     c.add_argument("--token", help="Hub token for private or gated models (default: HF_TOKEN / saved login)")
     c.add_argument("--cache-dir", help="Hugging Face cache directory (default: HF_HUB_CACHE)")
-    c.add_argument("--top-k", type=positive_int, default=5, help="labels per image (default 5)")
-    c.add_argument("--function-to-apply", choices=["softmax", "sigmoid", "none"],
+    c.add_argument("--top-k", type=positive_int, default=job["top_k"],
+                   help=f"labels per image (default {job['top_k']})")
+    c.add_argument("--function-to-apply", choices=FUNCTIONS,
                    help="score function (default: the model's: softmax for single-label models)")
-    c.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
-    c.add_argument("--backend", choices=["auto", "numba", "blas"], default="auto", help="GEMM backend")
+    c.add_argument("--batch-size", type=positive_int, default=job["batch_size"],
+                   help=f"images per forward pass (default {job['batch_size']})")
+    c.add_argument("--backend", choices=BACKENDS, default=EngineOptions.backend, help="GEMM backend")
     c.add_argument("--threads", type=positive_int, help="compute threads (default: NUMBA_NUM_THREADS or all cores)")
-    c.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
-                   help="weights in float32 (default: parity with transformers), bfloat16, or int8 with dynamic "
-                        "activation quantisation (see docs/precision.md)")
+    c.add_argument("--precision", choices=PRECISIONS, default=EngineOptions.precision, help=PRECISION_HELP)
     c.add_argument("--json", action="store_true", help="print one JSON object per image (JSON lines)")
     r = c.add_argument_group("Ray (pip install 'vitnp[ray]')")
     r.add_argument("--ray", action="store_true",
@@ -58,12 +115,132 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=positive_int, metavar="N", help="model actors (default 1)")
     r.add_argument("--output", "-o", metavar="FILE.parquet|FILE.jsonl",
                    help="with --ray: write the results to this Parquet or JSON-lines file")
-    c.set_defaults(func=run_classify)
 
-    s = sub.add_parser("serve", help="serve models over HTTP (Hugging Face Inference API protocol)",
-                       add_help=False)
-    s.set_defaults(func=None)
+
+def add_serve_parser(sub) -> None:
+    d = defaults(ServingOptions)
+    server = defaults(ServerOptions)
+    p = sub.add_parser(
+        "serve", help="serve models over HTTP (Hugging Face Inference API protocol)",
+        description="Serve ViT/DeiT image classifiers over HTTP with the Hugging Face Inference API protocol "
+                    "(POST /models/<id>, POST /, GET /health, GET /models).",
+    )
+    p.add_argument("--model", "-m", action="append", default=[], metavar="[NAME=]MODEL",
+                   help="Hub id, local directory or bundled:<name>; repeat for several models. Loaded and warmed "
+                        "up before the port opens; the first is the default for POST /. NAME=DIR serves a "
+                        "directory as /models/NAME (a directory also answers to its own directory name)")
+    p.add_argument("--host", default=server["host"], help=f"address to listen on (default {server['host']})")
+    p.add_argument("--port", type=int, default=server["port"], help=f"port (default {server['port']})")
+    p.add_argument("--max-batch-size", type=positive_int, default=d["max_batch_size"],
+                   help=f"images per forward pass (default {d['max_batch_size']})")
+    p.add_argument("--max-wait-ms", type=non_negative_float, default=d["max_wait_ms"],
+                   help=f"how long a forward pass waits for its batch to fill (default {d['max_wait_ms']:g} ms)")
+    p.add_argument("--max-queue", type=positive_int, default=d["max_queue"],
+                   help=f"requests per model waiting for the engine before new ones get 429 "
+                        f"(default {d['max_queue']})")
+    p.add_argument("--load-on-demand", action="store_true",
+                   help="load other Hub ids / bundled models on their first request (503 + estimated_time "
+                        "while loading)")
+    p.add_argument("--token-env", metavar="VAR",
+                   help=f"require 'Authorization: Bearer <token>' with the token in environment variable VAR "
+                        f"(default: {DEFAULT_TOKEN_ENV} if set, else no authentication)")
+    p.add_argument("--max-body-mb", type=positive_float, default=d["max_body_mb"],
+                   help=f"largest request body (default {d['max_body_mb']:g} MB)")
+    p.add_argument("--max-image-pixels", type=positive_int, default=d["max_image_pixels"],
+                   help="largest image (width x height) accepted; bigger ones get 400 (default: Pillow's "
+                        "decompression-bomb limit, about 89 million)")
+    p.add_argument("--revision", help="Hub revision for the Hub models (default: main)")
+    p.add_argument("--cache-size", type=non_negative_int, default=d["cache_size"],
+                   help=f"results kept in the LRU result cache (default {d['cache_size']}; 0 disables it)")
+    p.add_argument("--threads", type=positive_int, help="compute threads per forward pass (default: all cores)")
+    p.add_argument("--decode-threads", type=positive_int, default=d["decode_threads"],
+                   help=f"threads decoding and preprocessing images (default {d['decode_threads']})")
+    p.add_argument("--backend", choices=BACKENDS, default=EngineOptions.backend, help="GEMM backend")
+    p.add_argument("--precision", choices=PRECISIONS, default=EngineOptions.precision, help=PRECISION_HELP)
+    p.add_argument("--body-timeout", type=positive_float, default=d["body_timeout"],
+                   help=f"seconds a client may take to send its body (default {d['body_timeout']:g})")
+    p.add_argument("--graceful-timeout", type=positive_float, default=d["graceful_timeout"],
+                   help=f"on SIGTERM/Ctrl-C, seconds to let in-flight requests finish "
+                        f"(default {d['graceful_timeout']:g})")
+    r = p.add_argument_group("Ray Serve (pip install 'vitnp[ray]')")
+    r.add_argument("--ray", action="store_true",
+                   help="serve with Ray Serve (same protocol): a local Ray cluster, or the one at --ray-address")
+    r.add_argument("--ray-address", metavar="ADDR", help="address of an existing Ray cluster")
+    replicas = defaults(RayOptions)["replicas"]
+    r.add_argument("--replicas", type=positive_int, default=replicas, metavar="N",
+                   help=f"with --ray: replicas (default {replicas})")
+    r.add_argument("--autoscale", type=replica_range, metavar="MIN:MAX",
+                   help="with --ray: autoscale between MIN and MAX replicas on ongoing requests")
+    p.add_argument("--log-level", default=server["log_level"], choices=LOG_LEVELS,
+                   help=f"log level (default {server['log_level']}; the access log is logger vitnp.access at info)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitnp", description="ViT / DeiT image classification in NumPy + Numba.")
+    parser.add_argument("--version", action=VersionAction, nargs=0,
+                        help="show the version, the CPU and which kernel ISA runs, and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    add_classify_parser(sub)
+    add_serve_parser(sub)
     return parser
+
+
+# --------------------------------------------------------------------------- argv -> settings values
+
+
+def classify_options(args: argparse.Namespace) -> ClassifyOptions:
+    if not args.ray and (args.output or args.workers or args.ray_address):
+        raise ParameterError("--output, --workers and --ray-address go with --ray")
+    return ClassifyOptions(
+        inputs=tuple(args.inputs), model=args.model, revision=args.revision, token=args.token,
+        cache_dir=args.cache_dir, top_k=args.top_k, function_to_apply=args.function_to_apply,
+        batch_size=args.batch_size, json=args.json, output=args.output,
+        engine=EngineOptions(args.backend, args.precision, args.threads),
+        ray=RayOptions(address=args.ray_address, workers=args.workers) if args.ray else None)
+
+
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    if not args.model and not args.load_on_demand:
+        raise ParameterError("give at least one --model (or --load-on-demand)")
+    token = resolve_token(args.token_env)
+    if args.ray and args.load_on_demand:
+        raise ParameterError("--load-on-demand is not available with --ray: name the models with --model")
+    if not args.ray and (args.ray_address or args.autoscale or args.replicas != defaults(RayOptions)["replicas"]):
+        raise ParameterError("--ray-address, --replicas and --autoscale go with --ray")
+    serving = ServingOptions(
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_body_mb=args.max_body_mb, body_timeout=args.body_timeout, cache_size=args.cache_size,
+        decode_threads=args.decode_threads, max_image_pixels=args.max_image_pixels,
+        graceful_timeout=args.graceful_timeout)
+    return ServerOptions(
+        models=tuple(args.model), load_on_demand=args.load_on_demand, revision=args.revision, host=args.host,
+        port=args.port, token=token, log_level=args.log_level,
+        engine=EngineOptions(args.backend, args.precision, args.threads), serving=serving,
+        ray=RayOptions(address=args.ray_address, replicas=args.replicas, autoscale=args.autoscale)
+        if args.ray else None)
+
+
+def resolve_token(token_env: str | None) -> str | None:
+    if token_env:
+        token = os.environ.get(token_env, "")
+        if not token:
+            raise ParameterError(f"--token-env {token_env}: environment variable {token_env} is not set or empty")
+        return token
+    return os.environ.get(DEFAULT_TOKEN_ENV) or None
+
+
+def command_options(args: argparse.Namespace) -> ClassifyOptions | ServerOptions:
+    return server_options(args) if args.command == "serve" else classify_options(args)
+
+
+def parse_command(argv: list[str]) -> ClassifyOptions | ServerOptions:
+    """A command line (without the program name) -> its settings value. Usage errors exit as argparse does;
+    a value or combination that makes no sense raises ParameterError."""
+    return command_options(build_parser().parse_args(argv))
+
+
+# --------------------------------------------------------------------------- --version
 
 
 def version_text() -> str:
@@ -93,86 +270,7 @@ class VersionAction(argparse.Action):
         parser.exit()
 
 
-def find_images(inputs: list[str]) -> list[str]:
-    """Expand directories (recursively, sorted) and glob patterns (sorted; ** recurses) into image files;
-    plain paths are kept as given."""
-    found = []
-    for item in inputs:
-        if not os.path.exists(item) and glob.has_magic(item):
-            found.extend(find_images(sorted(glob.glob(item, recursive=True))) or [item])
-        elif os.path.isdir(item):
-            for root, dirs, files in os.walk(item):
-                dirs.sort()
-                found.extend(os.path.join(root, f) for f in sorted(files)
-                             if Path(f).suffix.lower() in IMAGE_SUFFIXES and not f.startswith("."))
-        else:
-            found.append(item)
-    return found
-
-
-def run_classify(args) -> int:
-    from . import load
-    from .errors import VitnpError
-    from .preprocess import load_image
-
-    if args.ray:
-        from .ray import run_classify as run_on_ray
-
-        return run_on_ray(args)
-    if args.output or args.workers or args.ray_address:
-        print("vitnp: --output, --workers and --ray-address go with --ray", file=sys.stderr)
-        return 2
-    paths = find_images(args.inputs)
-    if not paths:
-        print(f"vitnp: no image files found in {' '.join(args.inputs)}", file=sys.stderr)
-        return 1
-    try:
-        clf = load(args.model, revision=args.revision, token=args.token, cache_dir=args.cache_dir,
-                   backend=args.backend, threads=args.threads, precision=args.precision)
-    except VitnpError as e:
-        print(f"vitnp: {e}", file=sys.stderr)
-        return 2
-
-    show_progress = sys.stderr.isatty() and len(paths) >= PROGRESS_MIN_IMAGES
-    failures = 0
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(paths), unit="img", disable=not show_progress, file=sys.stderr) as bar:
-        for start in range(0, len(paths), args.batch_size):
-            chunk = paths[start:start + args.batch_size]
-            images, good = [], []
-            for path in chunk:
-                try:
-                    images.append(load_image(path))
-                    good.append(path)
-                except VitnpError as e:
-                    failures += 1
-                    _emit(args, path, error=str(e), bar=bar)
-            if images:
-                results = clf.classify(images, top_k=args.top_k, function_to_apply=args.function_to_apply)
-                for path, predictions in zip(good, results):
-                    _emit(args, path, predictions=predictions, bar=bar)
-            bar.update(len(chunk))
-    if failures:
-        print(f"vitnp: {failures} of {len(paths)} images failed", file=sys.stderr)
-    return 1 if failures else 0
-
-
-def _emit(args, path: str, predictions=None, error=None, bar=None) -> None:
-    if args.json:
-        record = {"path": path, "predictions": predictions} if error is None else {"path": path, "error": error}
-        text = json.dumps(record)
-        stream = sys.stdout
-    elif error is not None:
-        text, stream = f"{path}: error: {error}", sys.stderr
-    else:
-        width = max(len(p["label"]) for p in predictions)
-        lines = [path] + [f"  {p['score']:8.4f}  {p['label']:<{width}}" for p in predictions]
-        text, stream = "\n".join(lines), sys.stdout
-    if bar is not None and not bar.disable:
-        bar.write(text, file=stream)
-    else:
-        print(text, file=stream, flush=True)
+# --------------------------------------------------------------------------- running a command
 
 
 def isa_error() -> str | None:
@@ -193,26 +291,46 @@ def skip_numba_scipy_probe() -> None:
         sys.modules["scipy.linalg"] = None
 
 
+def run(command: ClassifyOptions | ServerOptions) -> int:
+    if isinstance(command, ServerOptions):
+        logging.basicConfig(level=getattr(logging, command.log_level.upper()),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if command.ray is not None:
+            from .ray import run_serve
+
+            return run_serve(command)
+        from .server import run_server
+
+        return run_server(command)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if command.ray is not None:
+        from .ray import run_classify as run_on_ray
+
+        return run_on_ray(command)
+    from .files import run_classify
+
+    return run_classify(command)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--ray" not in argv and argv[:1] in (["classify"], ["serve"]):
         skip_numba_scipy_probe()
-    serving = bool(argv) and argv[0] == "serve"
-    if not serving:
-        args = build_parser().parse_args(argv)  # --help / --version / usage errors need no engine
+    args = build_parser().parse_args(argv)  # --help / --version / usage errors need no engine
     error = isa_error()
     if error:
         print(f"vitnp: {error}", file=sys.stderr)
         return 2
-    if serving:
-        from .server import main as serve_main
-
-        return serve_main(argv[1:])
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    prefix = "vitnp serve" if args.command == "serve" else "vitnp"
     try:
-        return args.func(args)
+        command = command_options(args)
+    except ParameterError as e:
+        print(f"{prefix}: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run(command)
     except KeyboardInterrupt:
-        print("vitnp: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`vitnp classify ... | head`): stop quietly, as Unix tools do.

@@ -32,3 +32,25 @@ class ModelNotFoundError(VitnpError, LookupError):
 
 class OfflineError(VitnpError, ConnectionError):
     """The Hub cannot be reached and the files are not in the local cache."""
+
+
+class QueueFullError(VitnpError):
+    """A served model's request queue is full; the client should retry later."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelLoadingError(VitnpError):
+    """A served model is being loaded on demand; the client should retry after estimated_time seconds."""
+
+    def __init__(self, model: str, estimated_time: float):
+        super().__init__(f"Model {model} is currently loading")
+        self.model = model
+        self.estimated_time = estimated_time
+
+
+class ModelUnavailableError(VitnpError):
+    """A model a server was asked to load on demand exists but cannot be served (not a supported checkpoint,
+    or broken)."""

@@ -1,14 +1,18 @@
-"""Model name -> local directory holding config.json, model.safetensors and preprocessor_config.json.
+"""Model names: what a name means, and name -> local directory holding config.json, model.safetensors and
+preprocessor_config.json.  Every entry point (the library, the CLI, the server, Ray) resolves names here.
 
 Three kinds of names, never confused with each other:
   "bundled:<name>"   a model shipped inside the vitnp package (works with no network),
   an existing directory,
   a Hugging Face Hub repo id ("org/name"), fetched once through huggingface_hub's cache.
+A name that comes from a URL (a server request) is only ever a bundled:<name> or a Hub id, never a path.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from .errors import ModelNotFoundError, OfflineError
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+BUNDLED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Only what the engine reads: never pytorch_model.bin, tf/flax weights or tokenizer files.
 HUB_FILES = [
     "config.json",
@@ -29,6 +34,9 @@ OFFLINE_HINT = (
     "holds config.json + model.safetensors, or try the bundled offline model: "
     "vitnp classify --model bundled:digits examples/digits/"
 )
+
+
+log = logging.getLogger("vitnp.hub")
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,80 @@ def is_hub_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+def split_named_model(arg: str) -> tuple[str | None, str]:
+    """'NAME=MODEL' -> (NAME, MODEL); a plain MODEL -> (None, MODEL). NAME must be a valid Hub id."""
+    name, sep, spec = arg.partition("=")
+    if sep and name and spec and is_hub_id(name) and not os.path.exists(arg):
+        return name, spec
+    return None, arg
+
+
+def served_names(spec: str, alias: str | None = None) -> tuple[str, tuple[str, ...]]:
+    """Canonical name + aliases under which a model named on the command line answers.
+
+    A hub id or bundled name is its own name. A directory answers to NAME (from --model NAME=DIR) and to its
+    directory name, when that is a valid Hub id, so that every name can appear in /models/<name>. A
+    directory with neither keeps its path as its name: reachable through POST / when it is the default.
+    """
+    candidates: list[str] = []
+    if alias:
+        candidates.append(alias)
+    if spec.startswith(BUNDLED_PREFIX) or (is_hub_id(spec) and not os.path.isdir(spec)):
+        candidates.append(spec)
+    else:
+        base = os.path.basename(os.path.normpath(spec))
+        if is_hub_id(base):
+            candidates.append(base)
+    if not candidates:
+        candidates.append(spec)
+    unique = list(dict.fromkeys(candidates))
+    return unique[0], tuple(unique[1:])
+
+
+def check_url_name(name: str) -> None:
+    """A model name from a URL must be a valid Hub id or bundled:<name>; anything else is unknown."""
+    if name.startswith(BUNDLED_PREFIX):
+        if BUNDLED_NAME.fullmatch(name[len(BUNDLED_PREFIX):]) and ".." not in name:
+            return
+        raise ModelNotFoundError(f"Model {name} does not exist")
+    if not is_hub_id(name):
+        raise ModelNotFoundError(f"Model {name} does not exist (not a valid Hugging Face Hub model id)")
+
+
+def check_url_model_exists(name: str, revision: str | None = None) -> None:
+    """Raise ModelNotFoundError unless a URL's model name is a bundled model or a Hub repo with a config.json
+    (in the cache, or on the Hub): checked before a server promises to load it."""
+    if name.startswith(BUNDLED_PREFIX):
+        if name not in bundled_models():
+            raise ModelNotFoundError(f"Model {name} does not exist")
+        return
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        hf_hub_download(name, "config.json", revision=revision)
+    except EntryNotFoundError:
+        raise ModelNotFoundError(f"Model {name} has no config.json, so it is not a model this server "
+                                 "can load") from None
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(f"Model {name} is not in this server's Hugging Face cache and the Hub is "
+                                 "unreachable") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        log.info("existence check for %s failed: %s", name, e)
+        raise ModelNotFoundError(f"Model {name} does not exist") from None
+
+
+def url_revision(name: str, revision: str | None) -> str | None:
+    """The revision a URL's model is loaded at: the server's --revision for Hub ids; bundled models have none."""
+    return None if name.startswith(BUNDLED_PREFIX) else revision
+
+
+def check_not_a_path(name: str) -> None:
+    """locate() reads an existing directory before trying the Hub; a URL's name must never pick a path."""
+    if not name.startswith(BUNDLED_PREFIX) and os.path.lexists(name):
+        raise ModelNotFoundError(f"{name!r} names a local path, which a URL may not load")
 
 
 def locate(model: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,

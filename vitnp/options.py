@@ -1,22 +1,27 @@
-"""The settings values every entry point shares: engine options and serving options, each validated once.
+"""The settings values every entry point shares, each validated once: engine options, serving options, Ray
+options, and the two commands' settings (classify files, serve over HTTP) that hold them.
 
 The library (`vitnp.load`), the CLI, the server and Ray all build one of these and pass it on; a default or a
 rule about which combinations make sense is written here and nowhere else.  Invalid values raise
-ParameterError with a message that names the option.
+ParameterError with a message that names the option.  vitnp.cli turns a command line into these values;
+nothing past it sees argv.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .errors import ParameterError
+from .postprocess import DEFAULT_TOP_K
 
 BACKENDS = ("auto", "numba", "blas")
 PRECISIONS = ("fp32", "bf16", "int8")
 # The kernels' ISA classes (vitnp.kernels.isa.ISAS; repeated here so that validating options never loads the
 # kernels). "auto" is the widest the host runs.
 ISAS = ("auto", "avx512", "avx2", "generic")
+DEFAULT_MODEL = "google/vit-base-patch16-224"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 # The GEMM backend decides only float32 layers; under int8 every projection is an int8 GEMM.
 FLOAT32_LAYERS = {"fp32": "all", "bf16": "heads", "int8": "none"}
 
@@ -86,6 +91,9 @@ class EngineOptions:
             return self
         return EngineOptions("numba", self.precision, self.threads, self.isa)
 
+    def with_threads(self, threads: int | None) -> EngineOptions:
+        return EngineOptions(self.backend, self.precision, threads, self.isa)
+
 
 @dataclass(frozen=True)
 class ServingOptions:
@@ -125,6 +133,66 @@ class ServingOptions:
     def warmup_batch_sizes(self) -> tuple[int, ...]:
         """The batch sizes a served model is warmed up for: a lone request, and a full batch."""
         return (1, self.max_batch_size) if self.max_batch_size > 1 else (1,)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Running a command on Ray (`--ray`): which cluster, and how many model actors or Serve replicas."""
+
+    address: str | None = None               # an existing cluster (default: start a local one)
+    workers: int | None = None               # `classify --ray`: model actors (None: 1)
+    replicas: int = 1                        # `serve --ray`: a fixed number of replicas
+    autoscale: tuple[int, int] | None = None  # `serve --ray`: scale between (min, max) replicas instead
+
+    def __post_init__(self):
+        _positive_int("workers", self.workers, allow_none=True)
+        _positive_int("replicas", self.replicas)
+        if self.autoscale is not None:
+            lo, hi = self.autoscale
+            if _positive_int("autoscale minimum", lo) > _positive_int("autoscale maximum", hi):
+                raise ParameterError(f"autoscale needs 1 <= MIN <= MAX, got {lo}:{hi}")
+
+
+@dataclass(frozen=True)
+class ClassifyOptions:
+    """`vitnp classify`: which images, which model, what to print (or, with ray, which file to write)."""
+
+    inputs: tuple[str, ...]
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    token: str | None = None
+    cache_dir: str | None = None
+    top_k: int = DEFAULT_TOP_K
+    function_to_apply: str | None = None
+    batch_size: int = 8                      # images per forward pass
+    json: bool = False                       # one JSON object per image instead of a table
+    output: str | None = None                # with ray: the .parquet / .jsonl file written
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    ray: RayOptions | None = None            # run on Ray Data
+
+    def __post_init__(self):
+        _positive_int("top_k", self.top_k)
+        _positive_int("batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """`vitnp serve`: the models, the HTTP endpoint and its access token, and how the models compute and are
+    served; with ray, as a Ray Serve application."""
+
+    models: tuple[str, ...] = ()             # [NAME=]MODEL: Hub id, directory or bundled:<name>
+    load_on_demand: bool = False             # load other Hub ids / bundled models on their first request
+    revision: str | None = None              # Hub revision of the Hub models
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None                 # required as 'Authorization: Bearer <token>' (None: no auth)
+    log_level: str = "info"
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    serving: ServingOptions = field(default_factory=ServingOptions)
+    ray: RayOptions | None = None            # serve with Ray Serve
+
+    def __post_init__(self):
+        _choice("log_level", self.log_level, LOG_LEVELS)
 
 
 def defaults(options_class) -> dict:

@@ -17,9 +17,11 @@ Weights are shared, not copied: `share` loads a checkpoint once on the driver, w
 rebuilds its Classifier around `ray.get` of that object, whose numpy arrays are zero-copy, read-only views
 on the node's shared-memory object store: N processes on a node map one copy (Ray moves it once per node).
 
-Ray Serve: `serve_application(...)` builds a deployment whose replicas run exactly vitnp.server's Starlette
-application (same routes, parsing, errors, headers: `create_app`), over vitnp.batching's InferenceService;
-only the worker that runs forward passes differs, batching with `@serve.batch` instead of a thread.
+Ray Serve: `serve_application(...)` builds a deployment whose replicas start their models the way
+`vitnp serve` does (vitnp.startup) and run exactly vitnp.server's Starlette application (same routes,
+parsing, errors, headers: `create_app`), over vitnp.batching's InferenceService; only the way a worker groups
+requests into forward passes differs: `@serve.batch` instead of a thread, calling the same
+`ModelWorker.forward`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageError, ParameterError, VitnpError
+from .postprocess import DEFAULT_TOP_K, validate_parameters
+from .files import find_images, no_images_message
+from .options import ClassifyOptions, EngineOptions, ServerOptions, ServingOptions
+from .startup import NamedModel, classifier_with_weights, load_classifier, name_models
 
 log = logging.getLogger("vitnp.ray")
 
@@ -45,6 +51,8 @@ EXTRA = "pip install 'vitnp[ray]'"
 # The backends whose weight layout never changes after loading ("auto" re-lays weights out per process on its
 # first timed decision, which would turn the shared read-only copy into a private one).
 SHARED_BACKENDS = ("numba", "blas")
+# Ray Serve replicas take at least this many requests at once (more with a longer queue).
+MIN_ONGOING_REQUESTS = 16
 OUTPUT_COLUMNS = ("label", "score", "predictions", "error")
 # Where a batch's images come from, in order of preference: the images themselves, else files to read.
 IMAGE_COLUMNS = ("bytes", "image", "path")
@@ -106,10 +114,9 @@ class SharedModel:
     location: object       # vitnp.hub.ModelLocation
     config: object         # vitnp.config.ViTConfig
     processor: object      # vitnp.preprocess.PreprocessorConfig
-    backend: str
+    engine: EngineOptions  # a fixed weight layout (see shared_engine); threads are each process's own
     weights: object        # ray.ObjectRef of a vitnp.weights.ViTWeights
     spec: str
-    precision: str = "fp32"
 
     @property
     def model_id(self) -> str:
@@ -118,32 +125,40 @@ class SharedModel:
     def load(self, threads: int | None = None):
         """A Classifier whose weights are this node's shared, read-only copy (zero-copy views)."""
         ray = require_ray()
-        from .classifier import Classifier
-
-        weights = ray.get(self.weights)
-        return Classifier(self.location, self.config, self.processor, self.backend, threads, weights=weights,
-                          precision=self.precision)
+        return classifier_with_weights(self.location, self.config, self.processor,
+                                       self.engine.with_threads(threads), ray.get(self.weights))
 
 
-def share(model: str | os.PathLike, backend: str = "numba", precision: str = "fp32", **load_kwargs) -> SharedModel:
-    """Load `model` once in this process and put its weights in Ray's object store (starts Ray if needed).
-
-    backend: "numba" (default) or "blas"; both keep one final weight layout, which is what makes sharing
-    possible. load_kwargs go to vitnp.load (revision, token, cache_dir, local_files_only).
+def shared_engine(backend: str | None = None, precision: str = "fp32", threads: int | None = None) -> EngineOptions:
+    """Engine options for weights shared read-only between processes: a backend whose weight layout never
+    changes, `backend` ("numba" or "blas"), or None for the one auto would pick (EngineOptions.with_fixed_layout).
     """
+    if backend is None:
+        return EngineOptions(precision=precision, threads=threads).with_fixed_layout()
     if backend not in SHARED_BACKENDS:
         raise ParameterError(f"shared weights need a fixed weight layout: backend must be one of "
                              f"{', '.join(SHARED_BACKENDS)}, got {backend!r}")
-    ray = require_ray()
-    from .classifier import load
+    return EngineOptions(backend, precision, threads)
 
+
+def share(model: str | os.PathLike, backend: str | None = None, precision: str = "fp32",
+          options: EngineOptions | None = None, **load_kwargs) -> SharedModel:
+    """Load `model` once in this process and put its weights in Ray's object store (starts Ray if needed).
+
+    backend: "numba" or "blas" (default: the Numba GEMM, what auto picks on ViT shapes); both keep one final
+    weight layout, which is what makes sharing possible. options: EngineOptions instead of backend and
+    precision (an "auto" backend becomes the fixed one). load_kwargs go to vitnp.load (revision, token,
+    cache_dir, local_files_only).
+    """
+    engine = options.with_fixed_layout() if options is not None else shared_engine(backend, precision)
+    ray = require_ray()
     load_kwargs.setdefault("progress", False)
-    clf = load(model, backend=backend, precision=precision, **load_kwargs)
+    clf = load_classifier(model, engine.with_threads(None), **load_kwargs)
     if not ray.is_initialized():
         init_ray()
     ref = ray.put(clf.weights)
     # The driver's own copy is dropped with clf: the object store holds the only one.
-    return SharedModel(clf.location, clf.config, clf.processor, backend, ref, str(model), clf.precision)
+    return SharedModel(clf.location, clf.config, clf.processor, engine.with_threads(None), ref, str(model))
 
 
 def _assigned_cpus() -> int | None:
@@ -176,18 +191,16 @@ class ImageClassifier:
     reserved for it, `num_cpus=` of map_batches).
     """
 
-    def __init__(self, model, top_k: int = 5, function_to_apply: str | None = None, column: str | None = None,
-                 keep_image: bool = False, threads: int | None = None, backend: str = "numba",
-                 precision: str = "fp32"):
-        from .postprocess import validate_parameters
-
+    def __init__(self, model, top_k: int = DEFAULT_TOP_K, function_to_apply: str | None = None,
+                 column: str | None = None, keep_image: bool = False, threads: int | None = None,
+                 backend: str | None = None, precision: str = "fp32"):
         threads = threads or _assigned_cpus()
         if isinstance(model, SharedModel):
             self.classifier = model.load(threads)
         else:
-            from .classifier import load
-
-            self.classifier = load(model, backend=backend, threads=threads, progress=False, precision=precision)
+            engine = (EngineOptions(backend, precision, threads) if backend is not None
+                      else shared_engine(None, precision, threads))
+            self.classifier = load_classifier(model, engine, progress=False)
         self.top_k, self.function_to_apply = validate_parameters(top_k, function_to_apply,
                                                                  self.classifier.config.num_labels)
         self.column = column
@@ -296,15 +309,8 @@ def _to_arrow(col):
 # --------------------------------------------------------------------------- the CLI's Ray Data job
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """Directories (recursively) and glob patterns -> image files, as the local CLI finds them."""
-    from .cli import find_images
-
-    return find_images(inputs)
-
-
 def run_job(paths: list[str], model: SharedModel, output: str | os.PathLike, workers: int = 1,
-            threads: int | None = None, batch_size: int = 8, top_k: int = 5,
+            threads: int | None = None, batch_size: int = ClassifyOptions.batch_size, top_k: int = DEFAULT_TOP_K,
             function_to_apply: str | None = None) -> tuple[int, int]:
     """Classify `paths` on the connected Ray cluster and write `output` (.parquet or .jsonl) as rows finish,
     in input order. Returns (rows written, rows with an error)."""
@@ -405,25 +411,23 @@ class _JsonlOutput:
         self._f.close()
 
 
-def run_classify(args) -> int:
-    """`vitnp classify ... --ray`: the same job as the local CLI, run by Ray Data."""
-    if not args.output:
+def run_classify(job: ClassifyOptions) -> int:
+    """`vitnp classify ... --ray`: the same job as the local CLI, run by Ray Data, written to job.output."""
+    if not job.output:
         print("vitnp: --ray writes its results to a file: give --output out.parquet or out.jsonl", file=sys.stderr)
         return 2
     try:
-        output_format(args.output)
+        output_format(job.output)
         require_ray()
     except VitnpError as e:
         print(f"vitnp: {e}", file=sys.stderr)
         return 2
-    paths = expand_inputs(args.inputs)
+    paths = find_images(list(job.inputs))
     if not paths:
-        print(f"vitnp: no image files found in {' '.join(args.inputs)}", file=sys.stderr)
+        print(no_images_message(job.inputs), file=sys.stderr)
         return 1
-    # "auto" would re-lay the weights out per actor; the Numba GEMM is what it picks on ViT shapes anyway.
-    backend = "numba" if args.backend == "auto" else args.backend
     try:
-        init_ray(args.ray_address)
+        init_ray(job.ray.address)
     except VitnpError as e:
         print(f"vitnp: {e}", file=sys.stderr)
         return 2
@@ -431,20 +435,20 @@ def run_classify(args) -> int:
 
     try:
         try:
-            model = share(args.model, backend=backend, revision=args.revision, token=args.token,
-                          cache_dir=args.cache_dir, precision=getattr(args, "precision", "fp32"))
+            model = share(job.model, options=job.engine, revision=job.revision, token=job.token,
+                          cache_dir=job.cache_dir)
         except VitnpError as e:
             print(f"vitnp: {e}", file=sys.stderr)
             return 2
-        workers = args.workers or 1
+        workers = job.ray.workers or 1
         t0 = time.perf_counter()
-        rows, failures = run_job(paths, model, args.output, workers=workers, threads=args.threads,
-                                 batch_size=args.batch_size, top_k=args.top_k,
-                                 function_to_apply=args.function_to_apply)
+        rows, failures = run_job(paths, model, job.output, workers=workers, threads=job.engine.threads,
+                                 batch_size=job.batch_size, top_k=job.top_k,
+                                 function_to_apply=job.function_to_apply)
         seconds = time.perf_counter() - t0
     finally:
         ray.shutdown()
-    print(f"vitnp: wrote {rows} rows to {args.output} in {seconds:.1f}s ({rows / seconds:.1f} images/s, "
+    print(f"vitnp: wrote {rows} rows to {job.output} in {seconds:.1f}s ({rows / seconds:.1f} images/s, "
           f"{workers} worker{'s' if workers > 1 else ''})", file=sys.stderr)
     if failures:
         print(f"vitnp: {failures} of {rows} images failed", file=sys.stderr)
@@ -457,36 +461,27 @@ def run_classify(args) -> int:
 def _serve_batch_worker_class():
     from ray import serve
 
-    from .batching import FORWARD_LOCK, ModelWorker
+    from .batching import ModelWorker
 
     class ServeBatchWorker(ModelWorker):
         """A ModelWorker whose forward passes are batched by Ray Serve (@serve.batch) inside the replica."""
 
-        def __init__(self, name, classifier, options, aliases=()):
+        def __init__(self, name, classifier, options: ServingOptions, aliases=()):
             super().__init__(name, classifier, options, aliases)
             # One engine thread: the event loop never runs a forward pass.
             self._engine = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"vitnp-engine[{name}]")
             self._batched.set_max_batch_size(options.max_batch_size)
             self._batched.set_batch_wait_timeout_s(options.max_wait_s)
 
-        def submit(self, pixels, top_k, function_to_apply):
-            return asyncio.ensure_future(self._batched((pixels, top_k, function_to_apply)))
+        def submit(self, job):
+            return asyncio.ensure_future(self._batched(job))
 
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+        @serve.batch  # sizes and wait set per worker in __init__, from its ServingOptions
         async def _batched(self, jobs: list) -> list:
             n = len(jobs)
-            with self._waiting_lock:
-                self._waiting -= n
-            loop = asyncio.get_running_loop()
-            predictions = await loop.run_in_executor(self._engine, self._forward, jobs)
+            self.leave_queue(n)
+            predictions = await asyncio.get_running_loop().run_in_executor(self._engine, self.forward, jobs)
             return [(p, n) for p in predictions]
-
-        def _forward(self, jobs: list) -> list:
-            pixels = np.concatenate([job[0] for job in jobs])
-            with FORWARD_LOCK:
-                logits = self.classifier.logits(pixels)
-            return [self.classifier.postprocess(logits[i:i + 1], top_k, fn)[0]
-                    for i, (_, top_k, fn) in enumerate(jobs)]
 
         def close(self, timeout=None):
             self._engine.shutdown(wait=True)
@@ -495,20 +490,12 @@ def _serve_batch_worker_class():
 
 
 @dataclass(frozen=True)
-class ServeSettings:
-    """What `vitnp serve` options mean for each replica (see vitnp.server.build_parser)."""
+class ReplicaModel:
+    """A model as each Serve replica gets it: its names and its shared weights."""
 
-    max_batch_size: int = 8
-    max_wait_s: float = 0.005
-    max_queue: int = 64
-    token: str | None = None
-    max_body_bytes: int = 20 * 1024 * 1024
-    body_timeout: float = 30.0
-    cache_size: int = 1024
-    decode_threads: int = 2
-    threads: int | None = None
-    max_image_pixels: int | None = None
-    warmup: bool = True
+    name: str
+    aliases: tuple[str, ...]
+    shared: SharedModel
 
 
 def _deployment_class():
@@ -518,116 +505,91 @@ def _deployment_class():
     class VitnpDeployment:
         """One replica: the models (shared weights) behind vitnp.server's own Starlette application."""
 
-        def __init__(self, models: list, settings: ServeSettings):
-            from .batching import BatchingOptions, InferenceService, ModelRegistry
+        def __init__(self, models: list[ReplicaModel], options: ServingOptions, token: str | None,
+                     threads: int | None):
+            from .batching import InferenceService
+            from .registry import ModelRegistry
+            from .startup import limit_image_pixels, start_worker
 
             logging.basicConfig(level=logging.INFO)
-            if settings.max_image_pixels is not None:
-                from PIL import Image
-
-                Image.MAX_IMAGE_PIXELS = settings.max_image_pixels
-            options = BatchingOptions(settings.max_batch_size, settings.max_wait_s, settings.max_queue)
-            registry = ModelRegistry(options, threads=settings.threads)
-            threads = settings.threads or _assigned_cpus()
-            for name, aliases, shared in models:
+            limit_image_pixels(options)
+            threads = threads or _assigned_cpus()
+            registry = ModelRegistry(options)
+            for model in models:
                 # A class per model: @serve.batch keeps one queue per decorated function.
                 worker_class = _serve_batch_worker_class()
-                clf = shared.load(threads)
-                if settings.warmup:
-                    sizes = (1, options.max_batch_size) if options.max_batch_size > 1 else (1,)
-                    log.info("model %s warmed up in %.1fs", name, clf.warmup(sizes))
-                registry.add_worker(worker_class(name, clf, options, tuple(aliases)))
-            self.service = InferenceService(registry, cache_size=settings.cache_size,
-                                            decode_threads=settings.decode_threads)
-            self.settings = settings
+                registry.add(start_worker(worker_class, model.name, model.aliases, model.shared.load(threads),
+                                          options))
+            self.service = InferenceService(registry, options)
+            self.options = options
+            self.token = token
 
         def __serve_build_asgi_app__(self):
             from .server import create_app
 
-            s = self.settings
-            return create_app(self.service, s.token, s.max_body_bytes, s.body_timeout)
+            return create_app(self.service, self.token, self.options)
 
     return VitnpDeployment
 
 
-def serve_application(models: list[tuple[str, tuple[str, ...], SharedModel]], settings: ServeSettings,
-                      replicas: int | None = 1, autoscaling: tuple[int, int] | None = None,
-                      num_cpus: float | None = None):
+def serve_application(models: list[ReplicaModel], options: ServingOptions, token: str | None = None,
+                      threads: int | None = None, replicas: int | None = 1,
+                      autoscaling: tuple[int, int] | None = None, num_cpus: float | None = None):
     """A bound Ray Serve application: `serve.run(app, route_prefix="/")`.
 
-    models: (name, aliases, SharedModel) per model, the first being the default for POST /.
+    models: one ReplicaModel per model, the first being the default for POST /.
+    threads: compute threads per replica (default: the CPUs Ray reserved for it).
     replicas: a fixed count; autoscaling: (min, max) replicas, scaled on ongoing requests instead.
     num_cpus: CPUs Ray reserves per replica (default: its compute threads, or 1).
     """
     from ray import serve
 
-    options = {"ray_actor_options": {"num_cpus": num_cpus if num_cpus is not None else (settings.threads or 1)},
-               "max_ongoing_requests": max(settings.max_queue + settings.max_batch_size, 16)}
+    deployment_options = {
+        "ray_actor_options": {"num_cpus": num_cpus if num_cpus is not None else (threads or 1)},
+        "max_ongoing_requests": max(options.max_queue + options.max_batch_size, MIN_ONGOING_REQUESTS)}
     if autoscaling:
         lo, hi = autoscaling
-        options["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": lo,
-                                         "target_ongoing_requests": settings.max_batch_size}
+        deployment_options["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": lo,
+                                                    "target_ongoing_requests": options.max_batch_size}
     else:
-        options["num_replicas"] = replicas or 1
-    deployment = serve.deployment(_deployment_class(), name="vitnp", **options)
-    return deployment.bind(models, settings)
+        deployment_options["num_replicas"] = replicas or 1
+    deployment = serve.deployment(_deployment_class(), name="vitnp", **deployment_options)
+    return deployment.bind(models, options, token, threads)
 
 
-def run_serve(args, token: str | None) -> int:
+def run_serve(options: ServerOptions) -> int:
     """`vitnp serve --ray`: the same server as `vitnp serve`, as a Ray Serve application."""
     import signal
     import threading
 
-    from .server import split_model_arg
-    from .batching import _startup_names
-
-    if args.load_on_demand:
-        print("vitnp serve: --load-on-demand is not available with --ray: name the models with --model",
-              file=sys.stderr)
-        return 2
-    if not args.model:
-        print("vitnp serve: give at least one --model", file=sys.stderr)
-        return 2
     try:
+        named: list[NamedModel] = name_models(options.models)
         require_ray()
-        ray = init_ray(args.ray_address)
+        ray = init_ray(options.ray.address)
     except VitnpError as e:
         print(f"vitnp serve: {e}", file=sys.stderr)
         return 2
     from ray import serve
 
-    backend = "numba" if args.backend == "auto" else args.backend
-    models, seen = [], set()
     try:
-        for arg in args.model:
-            alias, spec = split_model_arg(arg)
+        models = []
+        for model in named:
             try:
-                shared = share(spec, backend=backend, revision=args.revision,
-                               precision=getattr(args, "precision", "fp32"))
+                shared = share(model.spec, options=options.engine, revision=options.revision)
             except VitnpError as e:
-                print(f"vitnp serve: cannot load {spec}: {e}", file=sys.stderr)
+                print(f"vitnp serve: cannot load {model.spec}: {e}", file=sys.stderr)
                 return 2
-            name, aliases = _startup_names(spec, alias)
-            if name in seen:
-                print(f"vitnp serve: two --model arguments are both named {name!r}; name them with "
-                      "--model NAME=DIR", file=sys.stderr)
-                return 2
-            seen.update((name, *aliases))
-            models.append((name, aliases, shared))
-        autoscaling = tuple(args.autoscale) if args.autoscale else None
+            models.append(ReplicaModel(model.name, model.aliases, shared))
+        autoscaling = options.ray.autoscale
         # Compute threads per replica (Ray reserves as many CPUs for it): the cores of a node shared among
         # the replicas it would hold (at the most replicas autoscaling may start).
-        threads = args.threads or default_threads(autoscaling[1] if autoscaling else args.replicas)
-        settings = ServeSettings(
-            max_batch_size=args.max_batch_size, max_wait_s=args.max_wait_ms / 1000.0, max_queue=args.max_queue,
-            token=token, max_body_bytes=int(args.max_body_mb * 1024 * 1024), body_timeout=args.body_timeout,
-            cache_size=args.cache_size, decode_threads=args.decode_threads, threads=threads,
-            max_image_pixels=args.max_image_pixels)
-        serve.start(http_options={"host": args.host, "port": args.port})
-        app = serve_application(models, settings, replicas=args.replicas, autoscaling=autoscaling)
+        threads = options.engine.threads or default_threads(autoscaling[1] if autoscaling else options.ray.replicas)
+        serve.start(http_options={"host": options.host, "port": options.port})
+        app = serve_application(models, options.serving, token=options.token, threads=threads,
+                                replicas=options.ray.replicas, autoscaling=autoscaling)
         serve.run(app, name="vitnp", route_prefix="/")
-        log.info("Ray Serve is answering on http://%s:%d", args.host, args.port)
-        print(f"vitnp serve: Ray Serve application ready on http://{args.host}:{args.port}", file=sys.stderr,
+        log.info("Ray Serve is answering on http://%s:%d", options.host, options.port)
+        print(f"vitnp serve: Ray Serve application ready on http://{options.host}:{options.port}", file=sys.stderr,
               flush=True)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -9,12 +9,12 @@ Routes: POST /, POST /models/{model_id}, POST /hf-inference/models/{model_id}, G
 A body is raw image bytes (any Content-Type or none) or JSON {"inputs": "<base64>", "parameters": {...}}.
 
 This module is the HTTP layer only: it reads and checks requests, and maps the batching layer's results and
-errors (vitnp.batching) to responses. It never touches pixel arrays.
+errors (vitnp.batching, vitnp.errors) to responses. It never touches pixel arrays.  `run_server` runs it for
+`vitnp serve` from a ServerOptions (vitnp.cli reads the command line); Ray Serve replicas run `create_app`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
@@ -23,7 +23,6 @@ import hmac
 import json
 import logging
 import math
-import os
 import sys
 import time
 
@@ -33,21 +32,24 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .batching import (
-    BatchingOptions,
-    InferenceService,
+from .batching import InferenceService
+from .errors import (
+    ImageError,
     ModelLoadingError,
-    ModelRegistry,
+    ModelNotFoundError,
     ModelUnavailableError,
+    OfflineError,
+    ParameterError,
     QueueFullError,
+    VitnpError,
 )
-from .cli import positive_int
-from .errors import ImageError, ModelNotFoundError, OfflineError, ParameterError, VitnpError
+from .options import ServerOptions, ServingOptions
+from .registry import ModelRegistry
+from .startup import limit_image_pixels, name_models
 
 log = logging.getLogger("vitnp.server")
 access_log = logging.getLogger("vitnp.access")
 
-DEFAULT_TOKEN_ENV = "VITNP_API_TOKEN"
 MB = 1024 * 1024
 # Past this, a JSON body is parsed off the event loop.
 PARSE_OFF_LOOP_BYTES = 1 * MB
@@ -198,14 +200,13 @@ def error_for(exc: BaseException) -> JSONResponse:
 
 
 class Server:
-    """Request handlers bound to one InferenceService and the HTTP limits."""
+    """Request handlers bound to one InferenceService, the access token and the HTTP limits."""
 
-    def __init__(self, service: InferenceService, token: str | None = None, max_body_bytes: int = 20 * MB,
-                 body_timeout: float = 30.0):
+    def __init__(self, service: InferenceService, token: str | None, options: ServingOptions):
         self.service = service
         self._token = token.encode() if token else None
-        self.max_body_bytes = max_body_bytes
-        self.body_timeout = body_timeout
+        self.max_body_bytes = options.max_body_bytes
+        self.body_timeout = options.body_timeout
 
     def authorize(self, request: Request) -> None:
         if self._token is None:
@@ -302,9 +303,9 @@ class AccessLog:
             )
 
 
-def create_app(service: InferenceService, token: str | None = None, max_body_bytes: int = 20 * MB,
-               body_timeout: float = 30.0) -> Starlette:
-    server = Server(service, token, max_body_bytes, body_timeout)
+def create_app(service: InferenceService, token: str | None, options: ServingOptions) -> Starlette:
+    """The application `vitnp serve` runs, and every Ray Serve replica too."""
+    server = Server(service, token, options)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -325,157 +326,36 @@ def create_app(service: InferenceService, token: str | None = None, max_body_byt
     return app
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- `vitnp serve`
 
 
-def _non_negative_float(text: str) -> float:
+def run_server(options: ServerOptions) -> int:
+    """`vitnp serve`: load and warm up the named models, then answer on options.host:options.port until
+    SIGTERM / Ctrl-C (in-flight requests get serving.graceful_timeout seconds to finish)."""
+    serving = options.serving
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _replica_range(text: str) -> tuple[int, int]:
-    lo, sep, hi = text.partition(":")
-    try:
-        lo_n, hi_n = int(lo), int(hi)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN:MAX replicas, got {text!r}") from None
-    if not sep or lo_n < 1 or hi_n < lo_n:
-        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
-    return lo_n, hi_n
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vitnp serve",
-        description="Serve ViT/DeiT image classifiers over HTTP with the Hugging Face Inference API protocol "
-                    "(POST /models/<id>, POST /, GET /health, GET /models).",
-    )
-    p.add_argument("--model", "-m", action="append", default=[], metavar="[NAME=]MODEL",
-                   help="Hub id, local directory or bundled:<name>; repeat for several models. Loaded and warmed "
-                        "up before the port opens; the first is the default for POST /. NAME=DIR serves a "
-                        "directory as /models/NAME (a directory also answers to its own directory name)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
-    p.add_argument("--max-wait-ms", type=_non_negative_float, default=5.0,
-                   help="how long a forward pass waits for its batch to fill (default 5 ms)")
-    p.add_argument("--max-queue", type=positive_int, default=64,
-                   help="requests per model waiting for the engine before new ones get 429 (default 64)")
-    p.add_argument("--load-on-demand", action="store_true",
-                   help="load other Hub ids / bundled models on their first request (503 + estimated_time "
-                        "while loading)")
-    p.add_argument("--token-env", metavar="VAR",
-                   help=f"require 'Authorization: Bearer <token>' with the token in environment variable VAR "
-                        f"(default: {DEFAULT_TOKEN_ENV} if set, else no authentication)")
-    p.add_argument("--max-body-mb", type=_positive_float, default=20.0, help="largest request body (default 20 MB)")
-    p.add_argument("--max-image-pixels", type=positive_int, default=None,
-                   help="largest image (width x height) accepted; bigger ones get 400 (default: Pillow's "
-                        "decompression-bomb limit, about 89 million)")
-    p.add_argument("--revision", help="Hub revision for the Hub models (default: main)")
-    p.add_argument("--cache-size", type=int, default=1024,
-                   help="results kept in the LRU result cache (default 1024; 0 disables it)")
-    p.add_argument("--threads", type=positive_int, help="compute threads per forward pass (default: all cores)")
-    p.add_argument("--decode-threads", type=positive_int, default=2,
-                   help="threads decoding and preprocessing images (default 2)")
-    p.add_argument("--backend", choices=["auto", "numba", "blas"], default="auto", help="GEMM backend")
-    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
-                   help="weights in float32 (default: parity with transformers), bfloat16, or int8 with dynamic "
-                        "activation quantisation (see docs/precision.md)")
-    p.add_argument("--body-timeout", type=_positive_float, default=30.0,
-                   help="seconds a client may take to send its body (default 30)")
-    p.add_argument("--graceful-timeout", type=_positive_float, default=30.0,
-                   help="on SIGTERM/Ctrl-C, seconds to let in-flight requests finish (default 30)")
-    r = p.add_argument_group("Ray Serve (pip install 'vitnp[ray]')")
-    r.add_argument("--ray", action="store_true",
-                   help="serve with Ray Serve (same protocol): a local Ray cluster, or the one at --ray-address")
-    r.add_argument("--ray-address", metavar="ADDR", help="address of an existing Ray cluster")
-    r.add_argument("--replicas", type=positive_int, default=1, metavar="N", help="with --ray: replicas (default 1)")
-    r.add_argument("--autoscale", type=_replica_range, metavar="MIN:MAX",
-                   help="with --ray: autoscale between MIN and MAX replicas on ongoing requests")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="log level (default info; the access log is logger vitnp.access at info)")
-    return p
-
-
-def split_model_arg(arg: str) -> tuple[str | None, str]:
-    """'NAME=MODEL' -> (NAME, MODEL); a plain MODEL -> (None, MODEL). NAME must be a valid Hub id."""
-    from .hub import is_hub_id
-
-    name, sep, spec = arg.partition("=")
-    if sep and name and spec and is_hub_id(name) and not os.path.exists(arg):
-        return name, spec
-    return None, arg
-
-
-def resolve_token(token_env: str | None) -> str | None:
-    if token_env:
-        token = os.environ.get(token_env, "")
-        if not token:
-            raise ParameterError(f"--token-env {token_env}: environment variable {token_env} is not set or empty")
-        return token
-    return os.environ.get(DEFAULT_TOKEN_ENV) or None
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.model and not args.load_on_demand:
-        print("vitnp serve: give at least one --model (or --load-on-demand)", file=sys.stderr)
-        return 2
-    try:
-        token = resolve_token(args.token_env)
-    except ParameterError as e:
+        models = name_models(options.models)
+    except VitnpError as e:
         print(f"vitnp serve: {e}", file=sys.stderr)
         return 2
-    if args.ray:
-        from .ray import run_serve
-
-        return run_serve(args, token)
-    if args.ray_address or args.autoscale or args.replicas != 1:
-        print("vitnp serve: --ray-address, --replicas and --autoscale go with --ray", file=sys.stderr)
-        return 2
-    if args.max_image_pixels is not None:
-        from PIL import Image
-
-        # vitnp.preprocess.load_image refuses anything above Pillow's limit with an ImageError (400).
-        Image.MAX_IMAGE_PIXELS = args.max_image_pixels
-
-    options = BatchingOptions(args.max_batch_size, args.max_wait_ms / 1000.0, args.max_queue)
-    registry = ModelRegistry(options, load_on_demand=args.load_on_demand, revision=args.revision,
-                             threads=args.threads, backend=args.backend, precision=args.precision)
-    for arg in args.model:
-        alias, spec = split_model_arg(arg)
+    limit_image_pixels(serving)
+    registry = ModelRegistry(serving, options.engine, load_on_demand=options.load_on_demand,
+                             revision=options.revision)
+    for model in models:
         t0 = time.perf_counter()
         try:
-            worker = registry.load_startup_model(spec, alias)
+            registry.add(registry.load(model))
         except VitnpError as e:
-            print(f"vitnp serve: cannot load {spec}: {e}", file=sys.stderr)
+            print(f"vitnp serve: cannot load {model.spec}: {e}", file=sys.stderr)
             registry.close()
             return 2
-        names = ", ".join((worker.name, *worker.aliases))
-        log.info("model %s ready (%s) in %.1fs", spec, names, time.perf_counter() - t0)
-    service = InferenceService(registry, cache_size=args.cache_size, decode_threads=args.decode_threads)
-    app = create_app(service, token, int(args.max_body_mb * MB), args.body_timeout)
+        log.info("model %s ready (%s) in %.1fs", model.spec, ", ".join((model.name, *model.aliases)),
+                 time.perf_counter() - t0)
+    service = InferenceService(registry, serving)
+    app = create_app(service, options.token, serving)
 
     import uvicorn
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=args.graceful_timeout, timeout_keep_alive=5)
+    uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level, access_log=False,
+                timeout_graceful_shutdown=serving.graceful_timeout, timeout_keep_alive=5)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
