@@ -320,3 +320,6 @@ def check_f32_contiguous(a, name):
     if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
         got = f"{a.dtype} {'C' if a.flags.c_contiguous else 'non-C'}-contiguous" if isinstance(a, np.ndarray) else type(a).__name__
         raise TypeError(f"{name} must be a float32 C-contiguous ndarray, got {got}")
+
+
+LAYERNORM_KERNELS = (_layernorm_rows,)  # the dispatchers whose compiled presence shows layernorm is ready

@@ -396,15 +396,18 @@ def pack_weight(w_t):
     contiguous run, instead of 128-byte pieces of w_t rows 3-12 KiB apart.  (Panels spanning all of K
     were tried: with K=3072 the panels start 384 KiB apart, all on the same L2 sets, and fc2 got slower.)
     """
-    padded, packed = _panel_buffer(*w_t.shape)
+    padded, packed = panel_buffer(*w_t.shape)
     _pack_panels(w_t, padded, packed)
     return packed
 
 
-def _panel_buffer(depth, cols):
+def panel_buffer(depth, cols):
     """(N rounded up to NR, a 64-byte aligned flat buffer for the packed (K, N) weight)."""
     padded = _cdiv(cols, NR) * NR
     return padded, aligned_empty(1, max(1, depth * padded))[0]
+
+
+_panel_buffer = panel_buffer  # the name kernels/warmup.py calls until it uses panel_buffer
 
 
 @njit(cache=True)
@@ -425,7 +428,7 @@ def pack_weight_nk(weight):
     """pack_weight() of weight.T, read straight from an (N, K) float32 nn.Linear weight (any
     strides, read-only memory maps included): one pass, no transposed copy."""
     cols, depth = weight.shape
-    padded, packed = _panel_buffer(depth, cols)
+    padded, packed = panel_buffer(depth, cols)
     _pack_panels_nk(weight, padded, packed)
     return packed
 
@@ -490,3 +493,8 @@ def gemm_packed(x, packed, cols, bias, out, epilogue, columns=None):
     has_bias = bias is not None
     _gemm_tasks_packed(x, packed, bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
                        row_split, col_split, a_bufs, c_begin, c_end)
+
+
+# The dispatchers whose compiled presence (in this process or Numba's disk cache) shows a path is ready.
+FLOAT32_KERNELS = (_gemm_tasks_packed, _pack_panels, _pack_panels_nk)  # the pre-packed float32 GEMM
+BLAS_EPILOGUE_KERNELS = (apply_epilogue_inplace, add_product_inplace, _unpack_panels)  # the BLAS path's own

@@ -172,3 +172,6 @@ def _scratch(workers, head_dim, seq):
                         aligned_empty(workers, head_dim * QB), aligned_empty(workers, v_size)))
         _local.attention_scratch = cached
     return cached[1]
+
+
+KERNELS = (_attention,)  # the dispatchers whose compiled presence shows attention is ready

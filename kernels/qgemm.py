@@ -753,3 +753,14 @@ def unpack(weight: PackedWeight) -> np.ndarray:
     if weight.kind in INT8_KINDS:
         return (q.astype(np.float32) * weight.cscale[:n, None]).astype(np.float32)
     return (q.astype(np.uint32) << 16).view(np.float32)
+
+
+def kernels_for(precision: str) -> tuple:
+    """The dispatchers whose compiled presence shows this precision's GEMM is ready: the int8 and bf16
+    GEMMs share one driver (with different operand types), so each one's activation-preparing kernel
+    tells them apart."""
+    if precision == "int8":
+        return (_qgemm_tasks, _quantize_rows)
+    if precision == "bf16":
+        return (_qgemm_tasks, _bf16_rows if BF16_KIND == "dpbf16" else _copy_rows)
+    raise ValueError(f"precision must be int8 or bf16, got {precision!r}")
