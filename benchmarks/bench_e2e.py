@@ -340,7 +340,7 @@ def run(args) -> dict:
                 print(f"  {system.name} failed: {missing[system.name]}", flush=True)
                 systems.remove(system)
         reference = outputs.get("torch")
-        from vitnp.kernels.linear import settle  # here, not at the top: vitnp's pool settings stay as set up
+        from vitnp.kernels.autotune import settle  # here, not at the top: vitnp's pool settings stay as set up
 
         times = {s.name: [] for s in systems}
         for rep in range(args.reps):
