@@ -26,7 +26,7 @@ from vitnp.kernels import warmup
 from numba.core.registry import CPUDispatcher
 
 cold = warmup.cold_groups()
-for backend, precision in [("numba", "fp32"), ("auto", "fp32"), ("blas", "fp32"), ("numba", "int8"),
+for backend, precision in [("numba", "fp32"), ("auto", "fp32"), ("blas", "fp32"), ("auto", "int8"),
                            ("numba", "bf16")]:
     clf = vitnp.load(sys.argv[1], backend=backend, precision=precision, progress=False)
     clf.classify(np.zeros((40, 40, 3), np.uint8))
