@@ -181,7 +181,11 @@ def make_system(name: str) -> System:
     if name in VITNP_SYSTEMS:
         return Vitnp(name.split("-", 1)[1])
     if name in PRECISION_SYSTEMS:
-        return Vitnp("numba", precision=name.split("-", 1)[1])
+        from vitnp.options import EngineOptions
+
+        # float32 layers (bf16's heads) on the Numba GEMM; int8 has none, and takes no backend
+        precision = name.split("-", 1)[1]
+        return Vitnp(EngineOptions(precision=precision).with_fixed_layout().backend, precision=precision)
     return {"torch": TorchEager, "ort": OnnxRuntime, "naive-numpy": NaiveNumpy, "ort-int8": OnnxRuntimeInt8}[name]()
 
 
