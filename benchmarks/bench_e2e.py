@@ -262,7 +262,11 @@ def make_system(name: str) -> System:
     if name in VITNP_SYSTEMS:
         return Vitnp(name.split("-", 1)[1])
     if name in PRECISION_SYSTEMS:
-        return Vitnp("numba", precision=name.split("-", 1)[1])
+        from vitnp.options import EngineOptions
+
+        # float32 layers (bf16's heads) on the Numba GEMM; int8 has none, and takes no backend
+        precision = name.split("-", 1)[1]
+        return Vitnp(EngineOptions(precision=precision).with_fixed_layout().backend, precision=precision)
     if name in OPENVINO_SYSTEMS:
         return OpenVino("f32" if name == "openvino-fp32" else None)
     return {"torch": TorchEager, "ort": OnnxRuntime, "naive-numpy": NaiveNumpy, "ort-int8": OnnxRuntimeInt8}[name]()
@@ -434,7 +438,7 @@ def run(args) -> dict:
         reference = outputs.get("torch")
         if reference is None and reference_model is not None:
             reference = reference_model(x)
-        from vitnp.kernels.linear import settle  # here, not at the top: vitnp's pool settings stay as set up
+        from vitnp.kernels.autotune import settle  # here, not at the top: vitnp's pool settings stay as set up
 
         times = {s.name: [] for s in systems}
         for rep in range(args.reps):

@@ -1,4 +1,5 @@
-"""Numba/NumPy float32 kernels: GEMM-backed Linear, LayerNorm, exact GELU, softmax, multi-head attention.
+"""Numba/NumPy float32 kernels: GEMM-backed Linear (its "auto" backend choice: autotune), LayerNorm, exact GELU,
+softmax, multi-head attention.
 
 Nothing here knows about Vision Transformers.  Every Numba function compiles lazily on first call
 (and is cached on disk), so importing this package is cheap.

@@ -21,6 +21,10 @@ import time
 import numpy as np
 
 GROUPS = ("gemm", "attention", "layernorm", "blas_epilogues", "int8", "bf16")
+# The groups a layer's GEMM runs: a float32 Linear by its backend ("auto" may run either, and re-lays a weight
+# out between them), a QLinear by its precision.
+LINEAR_GROUPS = {"numba": ("gemm",), "blas": ("blas_epilogues",), "auto": ("gemm", "blas_epilogues")}
+QLINEAR_GROUPS = {"int8": ("int8",), "bf16": ("bf16",)}
 
 
 def _rand(*shape):
@@ -40,7 +44,7 @@ def _warm_gemm():
     mapped = _rand(40, 24)
     mapped.setflags(write=False)
     Linear(mapped, None, backend="numba")
-    # The auto backend packs (K, N) weights: its timing's synthetic weight, and a layer it re-lays out.
+    # An auto layer laid out as (K, N) at load is packed from that layout when Numba is chosen for it.
     from . import gemm
 
     gemm.pack_weight(_rand(24, 40))
@@ -72,7 +76,7 @@ def _warm_blas_epilogues():
     layer = Linear(_rand(40, 24), _rand(40), backend="blas")
     for epilogue in ("none", "gelu", "add"):
         layer(x, np.zeros((5, 40), np.float32), epilogue)
-    gemm.unpack_weight(gemm._panel_buffer(24, 40)[1], 24, 40)  # compiles the unpacker (contents immaterial)
+    gemm.unpack_weight(gemm.panel_buffer(24, 40)[1], 24, 40)  # compiles the unpacker (contents immaterial)
 
 
 def _warm_attention():
@@ -98,16 +102,10 @@ def _dispatchers(group):
     if group in ("int8", "bf16"):
         from . import qgemm
 
-        # The int8 and bf16 GEMMs share one driver (with different operand types): each mode's own
-        # activation-preparing kernel tells whether that mode was compiled.
-        prepare = (qgemm._quantize_rows if group == "int8" else
-                   qgemm._bf16_rows if qgemm.BF16_KIND == "dpbf16" else qgemm._copy_rows)
-        return [qgemm._qgemm_tasks, prepare]
-    return {"gemm": [gemm._gemm_tasks_packed, gemm._pack_panels, gemm._pack_panels_nk],
-            "attention": [mha._attention],
-            "layernorm": [elementwise._layernorm_rows],
+        return qgemm.kernels_for(group)
+    return {"gemm": gemm.FLOAT32_KERNELS, "attention": mha.KERNELS, "layernorm": elementwise.LAYERNORM_KERNELS,
             # auto packs at load and unpacks a layer whose decision is BLAS: the BLAS path's kernels too
-            "blas_epilogues": [gemm.apply_epilogue_inplace, gemm.add_product_inplace, gemm._unpack_panels]}[group]
+            "blas_epilogues": gemm.BLAS_EPILOGUE_KERNELS}[group]
 
 
 def _cached_for_this_cpu(dispatcher) -> bool:
@@ -124,14 +122,6 @@ def _cached_for_this_cpu(dispatcher) -> bool:
         return False
     magic = cpu_target.target_context.codegen().magic_tuple()
     return any(isinstance(key, tuple) and len(key) > 1 and key[1] == magic for key in index)
-
-
-def groups_for_backend(backend: str, precision: str = "fp32") -> tuple:
-    """The kernel groups a transformer forward pass with this GEMM backend and weight precision runs (int8
-    runs every projection in int8; bf16 keeps float32 heads)."""
-    gemm = {"numba": ("gemm",), "blas": ("blas_epilogues",)}.get(backend, ("gemm", "blas_epilogues"))
-    reduced = {"int8": ("int8",), "bf16": ("bf16", *gemm)}.get(precision, gemm)
-    return (*reduced, "attention", "layernorm")
 
 
 def cold_groups(groups=GROUPS) -> list[str]:

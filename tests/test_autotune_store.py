@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from vitnp.kernels import Linear, isa
-from vitnp.kernels import linear as linear_module
+from vitnp.kernels import autotune
 
 
 def test_auto_decision_is_stored_and_reused(tmp_path, monkeypatch):
@@ -28,8 +28,8 @@ def test_auto_decision_is_stored_and_reused(tmp_path, monkeypatch):
             break
         # The two timed rounds disagreed (another process ran through one of them, as it did once in a CI
         # run): by design that decision is used but not stored.  Forget it and time again.
-        monkeypatch.delitem(linear_module._auto_choice, (rows, k, n))
-    assert store.exists(), f"no timing of {rows}x{k}x{n} stored in 5 tries: {linear_module._auto_timings}"
+        monkeypatch.delitem(autotune._auto_choice, (rows, k, n))
+    assert store.exists(), f"no timing of {rows}x{k}x{n} stored in 5 tries: {autotune._auto_timings}"
     stored = json.loads(store.read_text())
     (machine, shapes), = stored.items()
     assert "threads=" in machine and f"isa={isa.ISA}|" in machine
@@ -42,7 +42,7 @@ def test_auto_decision_is_stored_and_reused(tmp_path, monkeypatch):
     other = "blas" if timed["backend"] == "numba" else "numba"
     timed["backend"] = other
     (tmp_path / "gemm-auto.json").write_text(json.dumps(stored))
-    monkeypatch.delitem(linear_module._auto_choice, (rows, k, n))
+    monkeypatch.delitem(autotune._auto_choice, (rows, k, n))
     layer = Linear(weight, backend="auto")
     # Laid out at load for what the store says: panels for numba, (K, N) once it holds a BLAS decision.
     assert layer.weight_layout == ("k_by_n" if other == "blas" else "panels")
@@ -55,13 +55,13 @@ def test_decision_is_stored_only_when_the_timed_rounds_agree():
     clean = {"numba": [0.0012, 0.0011, 0.0011], "blas": [0.0041, 0.0040, 0.0042]}
     # Another process held a core through the numba block: its parallel region waited on a preempted thread.
     stalled = {"numba": [0.0043, 0.0045, 0.0044], "blas": [0.0040, 0.0041, 0.0043]}
-    assert linear_module.decide([clean, clean]) == ("numba", {"numba": 0.0011, "blas": 0.0040}, True)
-    choice, best, consistent = linear_module.decide([stalled, clean])
+    assert autotune.decide([clean, clean]) == ("numba", {"numba": 0.0011, "blas": 0.0040}, True)
+    choice, best, consistent = autotune.decide([stalled, clean])
     assert (choice, consistent) == ("numba", False), "used by this process (fastest call), not stored"
     assert best == {"numba": 0.0011, "blas": 0.0040}
     blas_wins = {"numba": [0.0050, 0.0052, 0.0051], "blas": [0.0030, 0.0031, 0.0030]}
-    assert linear_module.decide([blas_wins, blas_wins])[::2] == ("blas", True)
-    assert linear_module.decide([blas_wins, clean])[::2] == ("numba", False)
+    assert autotune.decide([blas_wins, blas_wins])[::2] == ("blas", True)
+    assert autotune.decide([blas_wins, clean])[::2] == ("numba", False)
 
 
 def test_a_blas_win_is_timed_again_after_a_pause_before_it_counts():
@@ -79,20 +79,20 @@ def test_a_blas_win_is_timed_again_after_a_pause_before_it_counts():
         return timed_round, starts
 
     timed_round, starts = rounds(disturbed, disturbed, numba_wins)
-    choice, best, consistent = linear_module.choose(timed_round, pause=0.3)
+    choice, best, consistent = autotune.choose(timed_round, pause=0.3)
     assert (choice, consistent) == ("numba", False), "the fastest call wins for this process; nothing is stored"
     assert best == {"numba": 0.0011, "blas": 0.0040}
     assert len(starts) == 3 and starts[2] - starts[1] >= 0.3
     timed_round, starts = rounds(blas_wins, blas_wins, blas_wins)
-    assert linear_module.choose(timed_round, pause=0.0)[::2] == ("blas", True)
+    assert autotune.choose(timed_round, pause=0.0)[::2] == ("blas", True)
     assert len(starts) == 3
     # A numba win needs no third round, nor do rounds that disagree (nothing is stored either way), nor a shape
     # too short for a wrong choice to matter (a small model's first run would wait out a pause per shape).
     short = {"numba": [0.00028, 0.00027, 0.00029], "blas": [0.00012, 0.00011, 0.00012]}
-    assert short["numba"][1] < linear_module.AUTO_CONFIRM_MIN_SECONDS <= blas_wins["numba"][0]
+    assert short["numba"][1] < autotune.AUTO_CONFIRM_MIN_SECONDS <= blas_wins["numba"][0]
     for script in [(numba_wins, numba_wins), (blas_wins, numba_wins), (short, short)]:
         timed_round, starts = rounds(*script, blas_wins)
-        linear_module.choose(timed_round, pause=0.0)
+        autotune.choose(timed_round, pause=0.0)
         assert len(starts) == 2
 
 

@@ -236,3 +236,82 @@ def test_allow_patterns_exclude_other_weight_formats():
     unwanted = ["pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "README.md", "onnx/model.onnx"]
     assert all(any(fnmatch.fnmatch(f, p) for p in HUB_FILES) for f in wanted)
     assert not any(fnmatch.fnmatch(f, p) for f in unwanted for p in HUB_FILES)
+
+
+# ---- engine options and the layers they build ---------------------------------------------------------------
+
+def test_kernels_know_the_same_backends_users_may_choose():
+    from vitnp.kernels.linear import BACKENDS
+    from vitnp.options import BACKENDS as USER_BACKENDS
+
+    assert BACKENDS == USER_BACKENDS
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_each_layer_is_float32_or_reduced_as_its_precision_says(tiny_deit_distilled, precision):
+    """fp32: float32 everywhere; bf16: every projection but the classifier heads; int8: all of them."""
+    from vitnp.kernels import Linear
+    from vitnp.kernels.qlinear import QLinear
+
+    clf = vitnp.load(tiny_deit_distilled, precision=precision, backend="numba" if precision != "int8" else "auto")
+    w = clf.weights
+    encoder = [layer for block in w.layers for layer in (block.qkv, block.attn_out, block.fc1, block.fc2)]
+    for layer in [w.patch_embed, *encoder, *w.heads]:
+        head = any(layer is h for h in w.heads)
+        if precision == "fp32" or (precision == "bf16" and head):
+            assert isinstance(layer, Linear) and layer.backend == "numba", layer
+        else:
+            assert isinstance(layer, QLinear) and layer.precision == precision, layer
+    assert len(w.heads) == 2 and w.layers[0].qkv.out_features == 3 * clf.config.hidden_size
+
+
+def test_load_takes_engine_options(tiny_vit):
+    from vitnp.options import EngineOptions
+
+    clf = vitnp.load(tiny_vit, options=EngineOptions(backend="blas", precision="bf16", threads=1))
+    assert (clf.backend, clf.precision, clf.threads) == ("blas", "bf16", 1)
+    assert clf.options == EngineOptions(backend="blas", precision="bf16", threads=1)
+    assert clf.weights.heads[0].backend == "blas"
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(clf.logits(x), vitnp.load(tiny_vit, backend="blas", precision="bf16",
+                                                             threads=1).logits(x))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"backend": "numba"}, "pass backend in options or as keyword arguments, not both"),
+    ({"precision": "int8", "threads": 2}, "pass threads, precision in options or as keyword arguments, not both"),
+])
+def test_load_refuses_options_and_the_same_settings_as_keywords(tiny_vit, kwargs, message):
+    from vitnp.options import EngineOptions
+
+    with pytest.raises(vitnp.ParameterError, match=message):
+        vitnp.load(tiny_vit, options=EngineOptions(), **kwargs)
+
+
+def test_a_backend_has_no_say_under_int8(tiny_vit):
+    with pytest.raises(vitnp.ParameterError, match="backend 'numba' has no effect with precision 'int8'"):
+        vitnp.load(tiny_vit, backend="numba", precision="int8")
+
+
+def test_isa_option_must_match_the_kernels_already_loaded(tiny_vit):
+    from vitnp.kernels import isa
+    from vitnp.options import EngineOptions
+
+    other = next(name for name in isa.ISAS if name != isa.ISA)
+    with pytest.raises(vitnp.ParameterError, match=f"isa '{other}' was asked for, but the kernels of this process "
+                                                   f"already run '{isa.ISA}'"):
+        vitnp.load(tiny_vit, options=EngineOptions(isa=other))
+    assert vitnp.load(tiny_vit, options=EngineOptions(isa=isa.ISA)).options.isa == isa.ISA
+
+
+def test_isa_option_chooses_the_kernels_isa_before_they_load():
+    from vitnp.kernels import isa
+
+    runnable = isa.ISAS[isa.ISAS.index(isa.host_isa()):]
+    wanted = runnable[-1]  # the narrowest: always runnable, and never the default on a vector-capable CPU
+    code = ("import sys, vitnp.classifier as c; assert 'vitnp.kernels' not in sys.modules; "
+            f"c.use_isa({wanted!r}); from vitnp.kernels import isa; print(isa.ISA)")
+    env = {k: v for k, v in os.environ.items() if k not in ("VITNP_ISA", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == wanted

@@ -26,7 +26,7 @@ from vitnp.kernels import warmup
 from numba.core.registry import CPUDispatcher
 
 cold = warmup.cold_groups()
-for backend, precision in [("numba", "fp32"), ("auto", "fp32"), ("blas", "fp32"), ("numba", "int8"),
+for backend, precision in [("numba", "fp32"), ("auto", "fp32"), ("blas", "fp32"), ("auto", "int8"),
                            ("numba", "bf16")]:
     clf = vitnp.load(sys.argv[1], backend=backend, precision=precision, progress=False)
     clf.classify(np.zeros((40, 40, 3), np.uint8))
@@ -51,3 +51,26 @@ def test_warmup_groups_cover_every_kernel_a_forward_pass_runs(tiny_vit, tmp_path
     result = json.loads(checked.stdout.strip().splitlines()[-1])
     assert result["cold"] == [], "a group stays cold after its warm-up: every run would compile 'for the first time'"
     assert set(result["misses"]) <= ON_DEMAND, "kernels the warm-up groups do not compile"
+
+
+def test_kernel_groups_cover_the_layers_a_model_is_built_with(tiny_deit_distilled):
+    """The groups compile_kernels warms come from the same rule that builds the layers: every layer of a loaded
+    model runs a GEMM in one of them, for every backend and precision."""
+    import vitnp
+    from vitnp.kernels import Linear, warmup
+    from vitnp.layers import kernel_groups
+    from vitnp.options import EngineOptions
+
+    for backend, precision in [("numba", "fp32"), ("auto", "fp32"), ("blas", "fp32"), ("blas", "bf16"),
+                               ("auto", "int8")]:
+        options = EngineOptions(backend=backend, precision=precision)
+        groups = kernel_groups(options)
+        assert set(groups) <= set(warmup.GROUPS) and {"attention", "layernorm"} <= set(groups)
+        w = vitnp.load(tiny_deit_distilled, options=options, progress=False).weights
+        layers = [w.patch_embed, *w.heads, *(getattr(block, name) for block in w.layers
+                                             for name in ("qkv", "attn_out", "fc1", "fc2"))]
+        needed = set()
+        for layer in layers:
+            needed.update(warmup.LINEAR_GROUPS[layer.backend] if isinstance(layer, Linear)
+                          else warmup.QLINEAR_GROUPS[layer.precision])
+        assert needed == set(groups) - {"attention", "layernorm"}, (backend, precision)

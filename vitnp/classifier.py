@@ -1,4 +1,8 @@
-"""Classifier: a loaded checkpoint plus its preprocessing, forward pass and postprocessing."""
+"""Classifier: a loaded checkpoint plus its preprocessing, forward pass and postprocessing.
+
+The kernels load on first use, not when this module is imported, so that EngineOptions.isa can still choose the
+ISA they are built for (see use_isa).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kernels
 from .config import ViTConfig, load_config
 from .errors import ConfigError, ParameterError
 from .hub import ModelLocation, locate
-from .model import Workspace, forward
+from .options import EngineOptions
 from .postprocess import DEFAULT_TOP_K, postprocess, validate_parameters
 from .preprocess import (
     PreprocessorConfig,
@@ -23,29 +26,29 @@ from .preprocess import (
     preprocess,
     target_size,
 )
-from .weights import load_weights
 
-BACKENDS = ("auto", "numba", "blas")
-PRECISIONS = ("fp32", "bf16", "int8")
 # Larger inputs are cut into chunks of this many images so activation memory stays bounded.
 MAX_FORWARD_BATCH = 16
 
 
 class Classifier:
     def __init__(self, location: ModelLocation, config: ViTConfig, processor: PreprocessorConfig,
-                 backend: str = "auto", threads: int | None = None, weights=None, precision: str = "fp32"):
+                 options: EngineOptions = EngineOptions(), weights=None):
         """`weights`: an already-built ViTWeights (e.g. shared read-only arrays, see vitnp.ray) instead of
         loading location.path's checkpoint."""
+        use_isa(options.isa)
+        from . import kernels
+        from .model import Workspace
+        from .weights import load_weights
+
         self.location = location
         self.config = config
         self.processor = processor
-        self.backend = backend
-        self.precision = validate_precision(precision)
+        self.options = options
         # set_num_threads clamps to the cores Numba was started with.
-        self.threads = kernels.set_num_threads(threads) if threads is not None else None
+        self.threads = kernels.set_num_threads(options.threads) if options.threads is not None else None
         t0 = time.perf_counter()
-        self.weights = (load_weights(location.path, config, backend=backend, precision=self.precision)
-                        if weights is None else weights)
+        self.weights = load_weights(location.path, config, options) if weights is None else weights
         self.load_seconds = time.perf_counter() - t0
         self._workspace = Workspace(config)
         # One workspace per classifier: concurrent callers take turns on the forward pass.
@@ -56,6 +59,14 @@ class Classifier:
                 f"{location.path}: preprocessor_config.json produces {h}x{w} images but the model expects "
                 f"{config.image_size}x{config.image_size}"
             )
+
+    @property
+    def backend(self) -> str:
+        return self.options.backend
+
+    @property
+    def precision(self) -> str:
+        return self.options.precision
 
     @property
     def model_id(self) -> str:
@@ -80,6 +91,9 @@ class Classifier:
         return preprocess(images, self.processor)
 
     def logits(self, pixel_values: np.ndarray) -> np.ndarray:
+        from . import kernels
+        from .model import forward
+
         c = self.config
         x = np.asarray(pixel_values)
         if x.ndim == 3:
@@ -119,11 +133,12 @@ class Classifier:
 
     def backend_report(self) -> dict:
         """Which GEMM backend each layer shape uses (decided on first use when backend='auto')."""
+        from . import kernels
+        from .kernels.qlinear import describe_kernel
+
         w = self.weights
         linears = {"patch_embed": w.patch_embed, "qkv": w.layers[0].qkv, "attn_out": w.layers[0].attn_out,
                    "fc1": w.layers[0].fc1, "fc2": w.layers[0].fc2, "head": w.heads[0]}
-        from .kernels.qlinear import describe_kernel
-
         return {"backend": self.backend, "threads": self.threads or kernels.get_num_threads(),
                 "isa": kernels.isa.describe(),
                 "precision": self.precision, "precision_kernel": describe_kernel(self.precision),
@@ -132,34 +147,65 @@ class Classifier:
 
 def load(model: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,
          cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
-         backend: str = "auto", threads: int | None = None, progress: bool = True,
-         precision: str = "fp32") -> Classifier:
+         backend: str = EngineOptions.backend, threads: int | None = EngineOptions.threads, progress: bool = True,
+         precision: str = EngineOptions.precision, options: EngineOptions | None = None) -> Classifier:
     """Load a ViT/DeiT image classifier: a Hub id, a local directory, or "bundled:<name>".
 
     precision: "fp32" (default: parity with transformers), "bf16" (weights in bfloat16) or "int8" (dynamic
     quantisation: int8 weights per output channel, activations per row at run time); see docs/precision.md.
+    options: the engine options as one EngineOptions (then backend, threads and precision stay unset).
     """
-    validate_precision(precision)
-    if backend not in BACKENDS:
-        raise ParameterError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ParameterError(f"threads must be a positive integer, got {threads!r}")
+    options = engine_options(options, backend=backend, threads=threads, precision=precision)
+    use_isa(options.isa)
     location = locate(model, revision, token, cache_dir, local_files_only, progress)
     config = load_config(location.path / "config.json")
     processor_path = Path(location.path) / "preprocessor_config.json"
     processor = (load_preprocessor_config(processor_path, config.model_type) if processor_path.is_file()
                  else default_preprocessor_config(config.model_type))
-    compile_kernels(backend, progress, precision)
-    return Classifier(location, config, processor, backend, threads, precision=precision)
+    compile_kernels(options, progress)
+    return Classifier(location, config, processor, options)
 
 
-def compile_kernels(backend: str = "auto", progress: bool = True, precision: str = "fp32") -> dict:
-    """Compile the kernels a forward pass with this backend needs, unless Numba's disk cache already holds
-    them for this CPU.  Only a first run ever compiles (~5-10 s, spread over the cores); it says so on stderr,
-    with a progress bar on a terminal.  Returns {kernel group: seconds} for what was compiled."""
+def engine_options(options: EngineOptions | None = None, **settings) -> EngineOptions:
+    """`options`, or EngineOptions(**settings) when it is None; settings other than EngineOptions' defaults
+    next to `options` are an error (two answers to one question)."""
+    if options is None:
+        return EngineOptions(**settings)
+    if not isinstance(options, EngineOptions):
+        raise ParameterError(f"options must be a vitnp.options.EngineOptions, got {type(options).__name__}")
+    overridden = [name for name, value in settings.items() if value != getattr(EngineOptions, name)]
+    if overridden:
+        raise ParameterError(f"pass {', '.join(overridden)} in options or as keyword arguments, not both")
+    return options
+
+
+def use_isa(isa: str) -> None:
+    """Build the kernels for `isa` (an EngineOptions.isa): sets VITNP_ISA when they have not loaded yet in this
+    process; once they have, their ISA is fixed and a different one is a ParameterError.  "auto" keeps what
+    VITNP_ISA or the host decides."""
+    if isa == "auto":
+        return
+    loaded = sys.modules.get("vitnp.kernels.isa")
+    if loaded is None:
+        os.environ["VITNP_ISA"] = isa
+        try:
+            from .kernels import isa as loaded
+        except RuntimeError as e:  # kernels.isa.IsaError: this CPU cannot run it
+            raise ParameterError(f"isa {isa!r}: {e}") from None
+    if loaded.ISA != isa:
+        raise ParameterError(f"isa {isa!r} was asked for, but the kernels of this process already run {loaded.ISA!r} "
+                             f"(the ISA is chosen once per process: set VITNP_ISA before vitnp's kernels load)")
+
+
+def compile_kernels(options: EngineOptions = EngineOptions(), progress: bool = True) -> dict:
+    """Compile the kernels a forward pass with these options needs (vitnp.layers.kernel_groups), unless Numba's
+    disk cache already holds them for this CPU.  Only a first run ever compiles (~5-10 s, spread over the cores);
+    it says so on stderr, with a progress bar on a terminal.  Returns {kernel group: seconds} for what was
+    compiled."""
     from .kernels import isa, warmup
+    from .layers import kernel_groups
 
-    groups = warmup.groups_for_backend(backend, precision)
+    groups = kernel_groups(options)
     cold = warmup.cold_groups(groups)
     if not cold:
         return {}
@@ -176,12 +222,6 @@ def compile_kernels(backend: str = "auto", progress: bool = True, precision: str
     finally:
         if bar is not None:
             bar.close()
-
-
-def validate_precision(precision) -> str:
-    if precision not in PRECISIONS:
-        raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
 
 
 _loaded: dict[tuple, Classifier] = {}

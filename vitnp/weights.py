@@ -1,8 +1,8 @@
 """model.safetensors -> ViTWeights: validated against the config, laid out once for the forward pass.
 
 Tensors are read as zero-copy views on a memory map of the file; each one is converted/packed exactly once
-(fused QKV, float32, the GEMM layout of vitnp.kernels.Linear) and the map is dropped afterwards, so the resident
-weights are the packed ones only.
+(fused QKV, float32, the layout its layer computes from: vitnp.layers builds each projection) and its pages are
+released afterwards, so the resident weights are the packed ones only.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import layers
 from .config import ViTConfig
 from .errors import CheckpointError
-from .kernels import Linear
-from .kernels.qlinear import QLinear
+from .layers import Layer
+from .options import EngineOptions
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -31,23 +32,23 @@ _IGNORED_SUFFIXES = ("pooler.dense.weight", "pooler.dense.bias")
 class LayerWeights:
     ln1_weight: np.ndarray
     ln1_bias: np.ndarray
-    qkv: Linear          # fused query|key|value projection
-    attn_out: Linear
+    qkv: Layer           # fused query|key|value projection
+    attn_out: Layer
     ln2_weight: np.ndarray
     ln2_bias: np.ndarray
-    fc1: Linear
-    fc2: Linear
+    fc1: Layer
+    fc2: Layer
 
 
 @dataclass
 class ViTWeights:
-    patch_embed: Linear            # conv(kernel=stride=patch) as a GEMM over flattened patches
+    patch_embed: Layer             # conv(kernel=stride=patch) as a GEMM over flattened patches
     prefix_tokens: np.ndarray      # (num_prefix_tokens, D): [CLS] (+ distillation token), position embedding added
     patch_pos_embed: np.ndarray    # (num_patches, D)
     layers: list[LayerWeights]
     final_ln_weight: np.ndarray
     final_ln_bias: np.ndarray
-    heads: list[Linear]            # one classifier, or [cls_classifier, distillation_classifier]
+    heads: list[Layer]             # one classifier, or [cls_classifier, distillation_classifier]
 
 
 def expected_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
@@ -208,35 +209,36 @@ def _float32(tensors: dict, name: str) -> np.ndarray:
     return out
 
 
-def load_weights(model_dir: str | Path, cfg: ViTConfig, backend: str = "auto", precision: str = "fp32") -> ViTWeights:
-    """precision "bf16" / "int8": every encoder Linear and the patch projection (and with int8 the classifier
-    head(s)) hold their weight in that precision, converted tensor by tensor from the mapped file, so the
-    float32 weights never exist all at once; LayerNorm and the embeddings stay float32."""
+def _readable(tensors: dict, name: str) -> np.ndarray:
+    """The weight as a layer reads it: the zero-copy view of the mapped file for float32 and float16 (each
+    layer lays it out in its own copy), a float32 copy for bfloat16 (stored as raw 16-bit words)."""
+    if tensors[name].entries[name][0] == "BF16":
+        return _float32(tensors, name)
+    return tensors[name].view(name)
+
+
+def load_weights(model_dir: str | Path, cfg: ViTConfig, options: EngineOptions = EngineOptions()) -> ViTWeights:
+    """Every projection is built by vitnp.layers from the mapped tensors, one layer at a time (so the float32
+    weights never exist all at once), and each tensor's pages are released once its layer holds it; LayerNorm
+    and the embeddings are float32 copies."""
     model_dir = Path(model_dir)
     tensors = _open_checkpoint(model_dir)
     validate(tensors, cfg, model_dir)
     p = cfg.prefix
     get = lambda name: _float32(tensors, name)  # noqa: E731
 
-    def make_linear(weight, bias, reduced=True):
-        if reduced and precision != "fp32":
-            return QLinear(weight, bias, precision=precision)
-        return Linear(weight, bias, backend=backend)
+    def layer(role: str, weight_names: list[str], bias_names: list[str], shape=None) -> Layer:
+        """The layer for `role` from these weight tensors (stacked along N) and bias tensors (concatenated)."""
+        bias = np.concatenate([get(n) for n in bias_names]) if bias_names else None
+        weights = [_readable(tensors, n) if shape is None else _readable(tensors, n).reshape(shape)
+                   for n in weight_names]
+        built = layers.build(role, weights if len(weights) > 1 else weights[0], bias, options)
+        for n in weight_names:
+            tensors[n].release(n)
+        return built
 
-    def linear(prefix: str, reduced=True):
-        bias = get(prefix + ".bias") if prefix + ".bias" in tensors else None
-        name = prefix + ".weight"
-        if reduced and precision != "fp32" and tensors[name].entries[name][0] == "F32":
-            # Quantised / rounded straight from the mapped file: no float32 copy of the weight at all.
-            layer = QLinear(tensors[name].view(name), bias, precision=precision)
-            tensors[name].release(name)
-            return layer
-        if tensors[name].entries[name][0] in ("F32", "F16"):
-            # Linear reads the mapped tensor once into its own layout (transposed or packed): no copy first.
-            layer = make_linear(tensors[name].view(name), bias, reduced)
-            tensors[name].release(name)
-            return layer
-        return make_linear(get(name), bias, reduced)
+    def dense(role: str, prefix: str) -> Layer:
+        return layer(role, [prefix + ".weight"], [prefix + ".bias"])
 
     D = cfg.hidden_size
     pos = get(f"{p}.embeddings.position_embeddings").reshape(cfg.seq_len, D)
@@ -245,46 +247,27 @@ def load_weights(model_dir: str | Path, cfg: ViTConfig, backend: str = "auto", p
         prefix_tokens.append(get(f"{p}.embeddings.distillation_token").reshape(D))
     prefix_tokens = np.stack(prefix_tokens) + pos[: cfg.num_prefix_tokens]
 
-    layers = []
+    blocks = []
     for i in range(cfg.num_hidden_layers):
         q = f"{p}.encoder.layer.{i}."
-        att = q + "attention.attention."
-        qkv_names = [att + n + ".weight" for n in ("query", "key", "value")]
-        qkv_b = (np.concatenate([get(att + n + ".bias") for n in ("query", "key", "value")])
-                 if cfg.qkv_bias else None)
-        if precision != "fp32" and all(tensors[n].entries[n][0] == "F32" for n in qkv_names):
-            # The three mapped tensors are quantised / rounded in place: no fused float32 copy.
-            qkv = QLinear([tensors[n].view(n) for n in qkv_names], qkv_b, precision=precision)
-            for n in qkv_names:
-                tensors[n].release(n)
-        else:
-            qkv = make_linear(np.concatenate([get(n) for n in qkv_names]), qkv_b)
-        layers.append(LayerWeights(
+        att = [q + f"attention.attention.{n}" for n in ("query", "key", "value")]
+        blocks.append(LayerWeights(
             ln1_weight=get(q + "layernorm_before.weight"), ln1_bias=get(q + "layernorm_before.bias"),
-            qkv=qkv,
-            attn_out=linear(q + "attention.output.dense"),
+            qkv=layer("qkv", [a + ".weight" for a in att], [a + ".bias" for a in att] if cfg.qkv_bias else []),
+            attn_out=dense("attn_out", q + "attention.output.dense"),
             ln2_weight=get(q + "layernorm_after.weight"), ln2_bias=get(q + "layernorm_after.bias"),
-            fc1=linear(q + "intermediate.dense"),
-            fc2=linear(q + "output.dense"),
+            fc1=dense("fc1", q + "intermediate.dense"),
+            fc2=dense("fc2", q + "output.dense"),
         ))
-        del qkv, qkv_b
 
-    conv_name = f"{p}.embeddings.patch_embeddings.projection.weight"
-    conv_bias = get(f"{p}.embeddings.patch_embeddings.projection.bias")
-    if precision != "fp32" and tensors[conv_name].entries[conv_name][0] == "F32":
-        patch_embed = QLinear(tensors[conv_name].view(conv_name).reshape(D, -1), conv_bias, precision=precision)
-        tensors[conv_name].release(conv_name)
-    else:
-        patch_embed = make_linear(get(conv_name).reshape(D, -1), conv_bias)
+    conv = f"{p}.embeddings.patch_embeddings.projection"
     heads = ["cls_classifier", "distillation_classifier"] if cfg.distilled else ["classifier"]
     return ViTWeights(
-        patch_embed=patch_embed,
+        patch_embed=layer("patch_embed", [conv + ".weight"], [conv + ".bias"], shape=(D, -1)),
         prefix_tokens=np.ascontiguousarray(prefix_tokens, dtype=np.float32),
         patch_pos_embed=np.ascontiguousarray(pos[cfg.num_prefix_tokens:]),
-        layers=layers,
+        layers=blocks,
         final_ln_weight=get(f"{p}.layernorm.weight"),
         final_ln_bias=get(f"{p}.layernorm.bias"),
-        # int8 quantises the heads too (as ONNX Runtime's quantize_dynamic does; measured within the accuracy
-        # targets, and it keeps ViT-B's CLI under 300 MB); bf16 keeps them float32.
-        heads=[linear(h, reduced=precision == "int8") for h in heads],
+        heads=[dense("head", h) for h in heads],
     )

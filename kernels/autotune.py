@@ -1,0 +1,216 @@
+"""The "auto" backend: which GEMM backend (Numba or BLAS) a float32 Linear layer runs, per input shape.
+
+Each (rows, K, N) is decided once per process and shared by every layer of that shape (the twelve blocks of a ViT
+have identical shapes, so timing once per shape is enough and keeps every layer on the same choice): from this
+machine's stored decisions (autotune_store) when it has one, else by timing both backends as they run in a forward
+pass.  A decision the timed rounds agree on is stored for later processes.  An auto layer's weight follows the
+decisions in the layout the chosen backend reads fastest, until BLAS is chosen once (see AutoBackend).
+
+The layer is used through its public face only: in_features, out_features, bias, run(backend, x, out, epilogue),
+laid_out_for(backend), lay_out_for(backend), and its class called as cls(weight, bias, backend=...).
+"""
+import os
+import threading
+import time
+
+import numba
+import numpy as np
+
+from . import autotune_store, isa
+from .elementwise import layernorm
+
+AUTO_ROUNDS = 2   # timed rounds per shape, one after the other: a decision is stored only if they agree
+AUTO_REPEATS = 3  # timed calls per backend and round
+# > OpenBLAS's default worker spin, 2**28 TSC ticks (0.10 s with a 2.6 GHz TSC, 0.27 s at 1 GHz), in effect when
+# numpy loaded before vitnp: each timed block starts on idle cores.  (At 0.1 s a still-spinning pool once made
+# a 1-row GEMM time 1.5 ms on Numba against its idle 0.23 ms, and BLAS was chosen and stored.)
+AUTO_SETTLE_SECONDS = 0.3
+# A BLAS win for a shape whose Numba time is at least AUTO_CONFIRM_MIN_SECONDS is timed once more after this pause
+# before it counts.  Such a stored decision costs every later process that shape's Numba speed (one wrong 197-row
+# decision made a whole ViT-B forward pass 2.5x slower), and another program holding a core makes the Numba GEMM,
+# whose parallel region waits for a preempted thread, 3-4x slower while BLAS loses about 10%: two back-to-back
+# rounds can then agree on BLAS (a table-2 benchmark run stored BLAS for ViT-B's 197x768x768 after timing Numba at
+# 7.4 ms there, against its 1.9 ms).  Shorter shapes skip it: a small model's first run would otherwise wait out a
+# pause per shape (`vitnp classify --model bundled:digits`, empty store: 0.75 s, and 11-12 s with a 1 s pause for
+# its 10 BLAS wins, all under 0.03 ms).
+AUTO_CONFIRM_PAUSE_SECONDS = 0.5
+AUTO_CONFIRM_MIN_SECONDS = 1e-3
+
+# (rows, K, N) -> "numba" | "blas", and -> {backend: best seconds}: this process's decisions.
+_auto_choice = {}
+_auto_timings = {}
+_auto_lock = threading.Lock()
+
+
+def settle(limit=AUTO_SETTLE_SECONDS):
+    """Wait until no other thread of this process is running (the Numba and OpenBLAS pools have stopped
+    spinning after their last call), or `limit` seconds, whichever comes first: a timed block then starts on
+    idle cores.  Where /proc/self/task cannot be read, or another thread keeps running, this is a plain
+    sleep of `limit`."""
+    deadline = time.perf_counter() + limit
+    me = str(threading.get_native_id())
+    while time.perf_counter() < deadline:
+        try:
+            running = False
+            for task in os.listdir("/proc/self/task"):
+                if task != me:
+                    with open(f"/proc/self/task/{task}/stat", "rb") as f:
+                        stat = f.read()
+                    if stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"R":
+                        running = True
+                        break
+        except (OSError, ValueError):
+            running = True
+        if not running:
+            return
+        time.sleep(0.001)
+
+
+def choose(timed_round, pause=AUTO_CONFIRM_PAUSE_SECONDS):
+    """Run AUTO_ROUNDS timed rounds (timed_round() -> {backend: [seconds, ...]}), and one more after `pause`
+    seconds when they agree on BLAS for a shape Numba takes at least AUTO_CONFIRM_MIN_SECONDS on; returns
+    decide() of all of them."""
+    rounds = [timed_round() for _ in range(AUTO_ROUNDS)]
+    choice, best, consistent = decide(rounds)
+    if choice == "blas" and consistent and best["numba"] >= AUTO_CONFIRM_MIN_SECONDS:
+        time.sleep(pause)
+        rounds.append(timed_round())
+        choice, best, consistent = decide(rounds)
+    return choice, best, consistent
+
+
+def decide(rounds):
+    """Timed rounds [{backend: [seconds, ...]}, ...] -> (choice, {backend: best seconds}, consistent).
+
+    The choice is the backend with the fastest call over all rounds.  It is consistent when every round,
+    on its own, picks the same backend: another process that ran through one round's block (a preempted
+    thread stalls a whole Numba parallel region) makes the rounds disagree, and such a decision is used by
+    this process but not stored, so the next process times again instead of keeping a 2x slower backend.
+    """
+    best = {name: min(t for times in rounds for t in times[name]) for name in rounds[0]}
+    winners = {min(times, key=lambda name: min(times[name])) for times in rounds}
+    choice = "blas" if best["blas"] < best["numba"] else "numba"
+    return choice, best, len(winners) == 1
+
+
+def machine_key():
+    """Where this process's decisions are filed: CPU, ISA, thread count, BLAS, pool settings."""
+    return autotune_store.machine_key(numba.get_num_threads(), isa.ISA)
+
+
+def decisions(in_features, out_features):
+    """{rows: {"backend": choice, "<backend>_ms": best time, ...}} decided so far for this (K, N)."""
+    shapes = {}
+    for (rows, k, n), choice in sorted(_auto_choice.items()):
+        if (k, n) == (in_features, out_features):
+            timing = _auto_timings.get((rows, k, n), {})
+            shapes[rows] = {"backend": choice, **{f"{name}_ms": round(t * 1e3, 3) for name, t in timing.items()}}
+    return shapes
+
+
+class AutoBackend:
+    """The "auto" backend of one layer: the backend per row count, and where the layer's weight lives.
+
+    The weight starts in Numba's panels (the usual winner; packed at load, it lands in memory as numba's does),
+    or as (K, N) when this machine's stored decisions for the shape include BLAS.  Each decision then moves it
+    to the layout the chosen backend reads, until BLAS is chosen once: from then on it stays (K, N), which the
+    Numba GEMM reads in place too, so a layer's weight is never converted back and forth.
+    """
+
+    def __init__(self, in_features, out_features):
+        self.in_features, self.out_features = in_features, out_features
+        self.settled = False  # BLAS has been chosen: the layout no longer changes
+
+    def starting_backend(self):
+        """The backend whose layout the layer's weight is laid out in at load."""
+        stored = autotune_store.choices_for(machine_key(), self.in_features, self.out_features)
+        return "numba" if stored <= {"numba"} else "blas"
+
+    def backend_for(self, layer, rows):
+        """The backend for an input of `rows` rows (decided on first use of the shape); moves layer's weight."""
+        key = (int(rows), self.in_features, self.out_features)
+        choice = _auto_choice.get(key)
+        if choice is None:
+            with _auto_lock:
+                choice = _auto_choice.get(key)
+                if choice is None:
+                    choice = _stored_or_timed_choice(layer, key)
+        if not self.settled and (choice == "blas" or not layer.laid_out_for("numba")):
+            self.follow(layer, choice)
+        return choice
+
+    def follow(self, layer, choice):
+        """Lay the layer's weight out for `choice`, unless BLAS was chosen before."""
+        with _auto_lock:
+            if self.settled:
+                return
+            layer.lay_out_for(choice)
+            self.settled = choice == "blas"
+
+
+def _stored_or_timed_choice(layer, key):
+    machine = machine_key()
+    stored = autotune_store.load(machine, key)
+    if stored is not None:
+        _auto_choice[key], _auto_timings[key] = stored
+        return stored[0]
+    choice, consistent = _time_backends(layer, key)
+    if consistent:
+        autotune_store.save(machine, key, choice, _auto_timings[key])
+    return choice
+
+
+def _time_backends(layer, key):
+    """Time both backends on a synthetic weight of the layer's shape (and its bias), each in the layout it would
+    use (the layer's own weight is in only one of them), and each as it runs in a forward pass: between Numba
+    parallel regions, the LayerNorm before it and a Numba GEMM of the same shape after it.
+
+    Numba's OpenMP pool and OpenBLAS's pool each spin for a while after their work (OpenBLAS ~60 ms by
+    default, unless OPENBLAS_THREAD_TIMEOUT was set before numpy loaded), and a spinning pool takes
+    cores from the kernels that follow.  So what a BLAS call costs in a forward pass includes the slowdown
+    of the Numba kernels after it; the same-shape Numba GEMM after each candidate puts that in the
+    candidate's time.  In each of AUTO_ROUNDS rounds both are timed once the pools are idle, numba's first,
+    so BLAS's after-effects never land in numba's time (and a BLAS win may be timed once more: see choose).
+    The faster in context is chosen, on any CPU and ISA; returns (choice, whether the rounds agreed: see
+    decide).
+    """
+    rows, k, n = key
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    out = np.empty((rows, n), np.float32)
+    after = np.empty_like(out)
+    weight = rng.standard_normal((n, k), dtype=np.float32)
+    # this order: see settle() below
+    candidates = {name: type(layer)(weight, layer.bias, backend=name) for name in ("numba", "blas")}
+    del weight
+    normed = np.empty_like(x)
+    gamma, beta = np.ones(k, np.float32), np.zeros(k, np.float32)
+
+    def in_context(name):
+        layernorm(x, gamma, beta, 1e-6, normed)
+        candidates[name].run(name, normed, out, "none")
+        candidates["numba"].run("numba", normed, after, "none")
+
+    for name in candidates:
+        in_context(name)  # compile / warm up
+
+    def timed_round():
+        # Start on idle cores: the warm-up, the last round, or the caller's own BLAS calls may still have
+        # a pool spinning (settle waits for it).  Once per round serves both blocks: numba's comes first and
+        # makes no BLAS call, so the BLAS block too starts with OpenBLAS's pool idle; Numba's pool spins
+        # only a few milliseconds, and every BLAS repetition follows Numba kernels anyway (the same-shape
+        # GEMM that closes the one before), as in a forward pass.
+        settle()
+        times = {}
+        for name in candidates:  # numba, then blas
+            times[name] = []
+            for _ in range(AUTO_REPEATS):
+                start = time.perf_counter()
+                in_context(name)
+                times[name].append(time.perf_counter() - start)
+        return times
+
+    choice, best, consistent = choose(timed_round)
+    _auto_timings[key] = best
+    _auto_choice[key] = choice
+    return choice, consistent
