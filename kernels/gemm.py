@@ -387,7 +387,6 @@ def panel_buffer(depth, cols):
     return padded, aligned_empty(1, max(1, depth * padded))[0]
 
 
-_panel_buffer = panel_buffer  # the name kernels/warmup.py calls until it uses panel_buffer
 
 
 @njit(cache=True)

@@ -21,7 +21,6 @@ from vitnp.checkpoint import DTYPE_BITS, check_finite, open_checkpoint, parse_he
 from vitnp.config import ViTConfig, check_against_tensors, load_config
 
 DIGITS = Path(vitnp.__file__).parent / "bundled" / "digits"
-INTEGRATION = pytest.mark.xfail(strict=True, reason="passes once weights.py uses vitnp.checkpoint")
 
 
 def read_safetensors(path: Path) -> tuple[dict, bytes]:
@@ -455,7 +454,6 @@ def test_claims_checked_for_both_heads_of_a_distilled_deit(tiny_deit_distilled):
 
 # ---- end to end through vitnp.load: pass once weights.py uses vitnp.checkpoint -------------------------------
 
-@INTEGRATION
 @pytest.mark.parametrize("edit", [
     lambda h: b"[1, 2]",
     entry("classifier.bias", data_offsets=["0", "40"]),
@@ -469,14 +467,12 @@ def test_load_rejects_malformed_header(digits, edit):
         vitnp.load(digits)
 
 
-@INTEGRATION
 def test_load_rejects_nan_weights(digits):
     nan_weights(digits)
     with pytest.raises(vitnp.CheckpointError, match="'vit.encoder.layer.2.output.dense.weight' holds 1 non-finite"):
         vitnp.load(digits)
 
 
-@INTEGRATION
 def test_load_rejects_a_config_that_lies_in_milliseconds(digits):
     patch_config(digits, num_hidden_layers=1000)
     with pytest.raises(vitnp.ConfigError, match="'num_hidden_layers' is 1000 but the checkpoint holds 4"):

@@ -121,8 +121,12 @@ class ModelWorker:
             self._waiting -= 1
 
     def decode(self, data: bytes) -> np.ndarray:
-        """Image bytes -> (1, 3, H, W) pixel values. Runs on the decode thread pool, never on the worker."""
-        return self.classifier.preprocess([data])
+        """Image bytes -> (1, 3, H, W) pixel values, the image's size checked against max_image_pixels before it
+        is decoded. Runs on the decode thread pool, never on the worker."""
+        from .preprocess import image_pixels
+
+        limit = {} if self.options.max_image_pixels is None else {"max_pixels": self.options.max_image_pixels}
+        return image_pixels(data, self.classifier.processor, **limit)[None]
 
     def leave_queue(self, n: int) -> None:
         """n admitted requests go into a forward pass: they no longer count against the queue limit."""

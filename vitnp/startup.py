@@ -52,24 +52,24 @@ def load_classifier(model: str | os.PathLike, engine: EngineOptions, **load_kwar
     progress."""
     from .classifier import load
 
-    return load(model, backend=engine.backend, threads=engine.threads, precision=engine.precision, **load_kwargs)
+    return load(model, options=engine, **load_kwargs)
 
 
 def classifier_with_weights(location, config, processor, engine: EngineOptions, weights):
     """A Classifier around already-built weights (a Ray node's shared read-only copy)."""
     from .classifier import Classifier
 
-    return Classifier(location, config, processor, engine.backend, engine.threads, weights=weights,
-                      precision=engine.precision)
+    return Classifier(location, config, processor, engine, weights=weights)
 
 
 def limit_image_pixels(options: ServingOptions) -> None:
-    """Apply max_image_pixels to this process: vitnp.preprocess.load_image refuses anything above Pillow's
-    limit with an ImageError (400)."""
+    """Let Pillow's own decompression-bomb check (a second line of defence behind the size check the workers
+    make from each image's header) admit every image max_image_pixels admits."""
     if options.max_image_pixels is not None:
         from PIL import Image
 
-        Image.MAX_IMAGE_PIXELS = options.max_image_pixels
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < options.max_image_pixels:
+            Image.MAX_IMAGE_PIXELS = options.max_image_pixels
 
 
 def start_worker(worker_class, name: str, aliases: tuple[str, ...], classifier, options: ServingOptions):

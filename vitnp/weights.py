@@ -7,23 +7,20 @@ released afterwards, so the resident weights are the packed ones only.
 
 from __future__ import annotations
 
-import json
-import mmap
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import layers
-from .config import ViTConfig
+from .checkpoint import check_finite, open_checkpoint
+from .config import ViTConfig, check_against_tensors
 from .errors import CheckpointError
 from .layers import Layer
 from .options import EngineOptions
 
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+# The tensor dtypes the forward pass computes from (each converted to float32 or packed at load).
+COMPUTED_DTYPES = ("F32", "F16", "BF16")
 # Tensors that transformers itself ignores when loading these architectures.
 _IGNORED_SUFFIXES = ("pooler.dense.weight", "pooler.dense.bias")
 
@@ -86,92 +83,6 @@ def expected_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     return e
 
 
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
-_POPULATE_MIN_BYTES = 1 << 20
-
-
-class _TensorFile:
-    """Zero-copy views on one .safetensors file (header parsed per the safetensors spec)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(8)
-                if len(raw) < 8:
-                    raise CheckpointError(f"{path}: not a safetensors file (too short)")
-                (n,) = struct.unpack("<Q", raw)
-                if n > 100_000_000:
-                    raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
-                header = json.loads(f.read(n))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: weights file not found") from None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{path}: not a safetensors file (unreadable header)") from None
-        header.pop("__metadata__", None)
-        size = path.stat().st_size
-        self.entries = {}
-        for name, info in header.items():
-            try:
-                dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from None
-            if 8 + n + end > size or start > end:
-                raise CheckpointError(f"{path}: tensor {name!r} lies beyond the end of the file (truncated download?)")
-            self.entries[name] = (dtype, shape, 8 + n + start, end - start)
-        with open(path, "rb") as f:
-            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._bytes = np.frombuffer(self._mmap, dtype=np.uint8)
-
-    def view(self, name: str) -> np.ndarray:
-        dtype, shape, offset, nbytes = self.entries[name]
-        if nbytes >= _POPULATE_MIN_BYTES:
-            # Map the tensor's pages in one call instead of one page fault per 4 KiB as the copy walks it
-            # (ViT-B: ~85k faults, two thirds of the load time); only this tensor's, so the peak stays low.
-            start = offset - offset % mmap.PAGESIZE
-            try:
-                self._mmap.madvise(_MADV_POPULATE_READ, start, offset + nbytes - start)
-            except OSError:  # kernels before 5.14: faults as usual
-                pass
-        return self._bytes[offset:offset + nbytes].view(_DTYPES[dtype]).reshape(shape)
-
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process (they stay in the page cache): it has been copied."""
-        _, _, offset, nbytes = self.entries[name]
-        start = offset - offset % mmap.PAGESIZE
-        if nbytes:
-            self._mmap.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
-
-
-def _open_checkpoint(model_dir: Path) -> dict[str, _TensorFile]:
-    """tensor name -> the file holding it, over a single file or a sharded checkpoint."""
-    single, index = model_dir / SAFETENSORS, model_dir / SAFETENSORS_INDEX
-    if single.is_file():
-        f = _TensorFile(single)
-        return {name: f for name in f.entries}
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: malformed index (expected a JSON object with a 'weight_map')") from None
-        files, tensors = {}, {}
-        for name, shard in weight_map.items():
-            if shard not in files:
-                if Path(shard).name != shard:
-                    raise CheckpointError(f"{index}: shard name {shard!r} must be a file name in the model directory")
-                files[shard] = _TensorFile(model_dir / shard)
-            if name not in files[shard].entries:
-                raise CheckpointError(f"{index}: tensor {name!r} is listed in {shard} but that file does not hold it")
-            tensors[name] = files[shard]
-        return tensors
-    if (model_dir / "pytorch_model.bin").exists():
-        raise CheckpointError(
-            f"{model_dir}: only pytorch_model.bin is present; vitnp reads safetensors only "
-            "(convert with transformers: model.save_pretrained(dir) writes model.safetensors)"
-        )
-    raise CheckpointError(f"{model_dir}: no {SAFETENSORS} or {SAFETENSORS_INDEX} found")
-
-
 def validate(tensors: dict, cfg: ViTConfig, where: Path) -> None:
     expected = expected_shapes(cfg)
     problems = []
@@ -185,7 +96,7 @@ def validate(tensors: dict, cfg: ViTConfig, where: Path) -> None:
         )
     for name in sorted(set(expected) & set(tensors)):
         dtype, shape, _, _ = tensors[name].entries[name]
-        if dtype not in _DTYPES:
+        if dtype not in COMPUTED_DTYPES:
             problems.append(f"{name} has dtype {dtype}; supported: F32, F16, BF16")
         elif shape != expected[name]:
             problems.append(f"{name} has shape {list(shape)}, config.json implies {list(expected[name])}")
@@ -197,7 +108,8 @@ def validate(tensors: dict, cfg: ViTConfig, where: Path) -> None:
 
 def _float32(tensors: dict, name: str) -> np.ndarray:
     """A float32 copy, never a view, after which the tensor's mapped pages are released: the resident
-    weights are the packed copies only, and loading never holds the whole file in memory besides them."""
+    weights are the packed copies only, and loading never holds the whole file in memory besides them.
+    A NaN or infinity is a CheckpointError naming the tensor: no score is ever computed from one."""
     f = tensors[name]
     raw = f.view(name)
     if f.entries[name][0] == "BF16":
@@ -206,15 +118,19 @@ def _float32(tensors: dict, name: str) -> np.ndarray:
     else:
         out = np.array(raw, dtype=np.float32, copy=True)
     f.release(name)
+    check_finite(name, out, f.path)
     return out
 
 
 def _readable(tensors: dict, name: str) -> np.ndarray:
     """The weight as a layer reads it: the zero-copy view of the mapped file for float32 and float16 (each
-    layer lays it out in its own copy), a float32 copy for bfloat16 (stored as raw 16-bit words)."""
+    layer lays it out in its own copy), a float32 copy for bfloat16 (stored as raw 16-bit words); checked
+    finite either way."""
     if tensors[name].entries[name][0] == "BF16":
         return _float32(tensors, name)
-    return tensors[name].view(name)
+    view = tensors[name].view(name)
+    check_finite(name, view, tensors[name].path)
+    return view
 
 
 def load_weights(model_dir: str | Path, cfg: ViTConfig, options: EngineOptions = EngineOptions()) -> ViTWeights:
@@ -222,7 +138,9 @@ def load_weights(model_dir: str | Path, cfg: ViTConfig, options: EngineOptions =
     weights never exist all at once), and each tensor's pages are released once its layer holds it; LayerNorm
     and the embeddings are float32 copies."""
     model_dir = Path(model_dir)
-    tensors = _open_checkpoint(model_dir)
+    tensors = open_checkpoint(model_dir)
+    # The config's sizes against the header's shapes, before anything is allocated from either.
+    check_against_tensors(cfg, {n: f.entries[n][1] for n, f in tensors.items()}, str(model_dir / "config.json"))
     validate(tensors, cfg, model_dir)
     p = cfg.prefix
     get = lambda name: _float32(tensors, name)  # noqa: E731

@@ -12,11 +12,7 @@ from .driver import EPILOGUES, SERIAL_PREPARE_MAX, kernels_for, plan, prepare_a,
 from .kinds import (A_DTYPE, B_DTYPE, BF16_KIND, DESCRIPTIONS, GROUP, INT8_KIND, INT8_KINDS, KIND, choose,
                     supported_kinds)
 from .pack import PackedWeight, pack_bf16, pack_int8, pack_quantized, unpack
-from .quantize import bf16_rows, copy_rows, quantize_weight_rows, row_scale_zero_point
-
-# The names kernels/warmup.py reads until it calls kernels_for().
-_qgemm_tasks, _quantize_rows = kernels_for("int8")
-_bf16_rows, _copy_rows = bf16_rows, copy_rows
+from .quantize import quantize_weight_rows, row_scale_zero_point
 
 __all__ = ["MR", "NR", "make_qkernel", "EPILOGUES", "SERIAL_PREPARE_MAX", "kernels_for", "plan", "prepare_a",
            "qgemm", "A_DTYPE", "B_DTYPE", "BF16_KIND", "DESCRIPTIONS", "GROUP", "INT8_KIND", "INT8_KINDS", "KIND",
