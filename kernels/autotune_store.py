@@ -1,14 +1,16 @@
 """On-disk memory of the "auto" backend's per-shape decisions, so only a machine's first process pays the timing.
 
 A decision is valid only for the machine and set-up it was measured on, so it is filed under a key naming the CPU,
-the ISA the kernels were built for, the thread count, the BLAS build numpy uses and the pool-wait settings. The file lives in $VITNP_CACHE_DIR
-(default: $XDG_CACHE_HOME/vitnp or ~/.cache/vitnp); delete it to time again. Any I/O problem just means timing
+the ISA the kernels were built for, the thread count, the BLAS build numpy uses and the pool-wait settings. The file lives in the kernels' cache
+directory (cachedir.cache_root()); delete it to time again. Any I/O problem just means timing
 again: the store is an optimisation, never a failure.
 """
 import json
 import os
 import tempfile
 import threading
+
+from . import cachedir
 
 FILE_NAME = "gemm-auto.json"
 # Read by the thread pools when they start: they decide how long idle workers spin, which the timings include.
@@ -18,10 +20,7 @@ _memo = {}
 
 
 def cache_path():
-    root = os.environ.get("VITNP_CACHE_DIR")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vitnp")
-    return os.path.join(root, FILE_NAME)
+    return os.path.join(cachedir.cache_root(), FILE_NAME)
 
 
 def machine_key(threads, isa):
