@@ -281,9 +281,9 @@ def amx_target_machine():
         cpu="sapphirerapids", features="+amx-tile,+amx-bf16,+amx-int8", opt=2)
 
 
-def compile_tile_kernel(kind, m_tiles):
-    """Assembly of tiles.emit_tile_kernel's IR (the Numba intrinsic's body) between ldtilecfg and
-    tilerelease, as one function with the kernel's arguments as parameters."""
+def tile_kernel_module(kind, m_tiles, intrinsics=tiles.INTRINSICS, configure=True):
+    """An LLVM module with one function `tile_block`: tiles.emit_tile_kernel's IR (the Numba intrinsic's body),
+    between ldtilecfg and tilerelease when `configure`, the kernel's arguments as its parameters."""
     import llvmlite.binding as llvm
     from llvmlite import ir
 
@@ -296,13 +296,20 @@ def compile_tile_kernel(kind, m_tiles):
     module.triple = llvm.get_process_triple()
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), params), "tile_block")
     builder = ir.IRBuilder(fn.append_basic_block())
-    tiles.emit_configure(builder)
-    tiles.emit_tile_kernel(builder, kind, m_tiles, *fn.args)
-    tiles.emit_release(builder)
+    if configure:
+        tiles.emit_configure(builder)
+    tiles.emit_tile_kernel(builder, kind, m_tiles, *fn.args, intrinsics=intrinsics)
+    if configure:
+        tiles.emit_release(builder)
     builder.ret_void()
     parsed = llvm.parse_assembly(str(module))
     parsed.verify()
-    return amx_target_machine().emit_assembly(parsed)
+    return parsed
+
+
+def compile_tile_kernel(kind, m_tiles):
+    """Assembly of the tile kernel's IR for an AMX CPU."""
+    return amx_target_machine().emit_assembly(tile_kernel_module(kind, m_tiles))
 
 
 def count(asm, instruction):
@@ -366,6 +373,97 @@ def test_driver_compiles_for_an_amx_cpu(tmp_path):
         assert found["ldtilecfg"] >= 1 and found["tilerelease"] >= 1, found
         assert found["tileloadd"] > 0 and found[dot] > 0 and found[other] == 0, found
         assert found["tilestored"] > 0, found
+
+
+class EmulatedTiles:
+    """Eight tile registers of 16 x 64 bytes and the tile operations on them, as C callbacks with the AMX
+    intrinsics' signatures (tile numbers, byte pointers, byte strides), computing as tile_load / tdpbf16ps /
+    tdpbusd above."""
+
+    def __init__(self):
+        import ctypes
+
+        self.tmm = np.zeros((8, 16, 64), np.uint8)
+        load_store = ctypes.CFUNCTYPE(None, ctypes.c_uint8, ctypes.c_void_p, ctypes.c_int64)
+        one = ctypes.CFUNCTYPE(None, ctypes.c_uint8)
+        three = ctypes.CFUNCTYPE(None, ctypes.c_uint8, ctypes.c_uint8, ctypes.c_uint8)
+        self.callbacks = {"tileloadd64": load_store(self.load), "tilestored64": load_store(self.store),
+                          "tilezero": one(self.zero), "tdpbf16ps": three(self.bf16), "tdpbusd": three(self.int8)}
+        self.names = {name: f"emulated_{name}" for name in self.callbacks}
+
+    def rows(self, ptr, stride):
+        import ctypes
+
+        return [np.ctypeslib.as_array((ctypes.c_uint8 * 64).from_address(ptr + r * stride)) for r in range(16)]
+
+    def load(self, t, ptr, stride):
+        self.tmm[t] = np.stack(self.rows(ptr, stride))
+
+    def store(self, t, ptr, stride):
+        for r, row in enumerate(self.rows(ptr, stride)):
+            row[:] = self.tmm[t, r]
+
+    def zero(self, t):
+        self.tmm[t] = 0
+
+    def bf16(self, c, a, b):
+        acc = self.tmm[c].view(np.float32).copy()
+        self.tmm[c] = tdpbf16ps(acc, self.tmm[a], self.tmm[b]).view(np.uint8)
+
+    def int8(self, c, a, b):
+        self.tmm[c] = tdpbusd(self.tmm[c].view(np.int32), self.tmm[a], self.tmm[b]).view(np.uint8)
+
+
+def jit_tile_kernel(kind, m_tiles, emulated):
+    """tiles.emit_tile_kernel's IR with its tile operations calling `emulated`, compiled for this CPU."""
+    import ctypes
+
+    import llvmlite.binding as llvm
+
+    for name, callback in emulated.callbacks.items():
+        llvm.add_symbol(emulated.names[name], ctypes.cast(callback, ctypes.c_void_p).value)
+    module = tile_kernel_module(kind, m_tiles, intrinsics=emulated.names, configure=False)
+    machine = llvm.Target.from_default_triple().create_target_machine(cpu=llvm.get_host_cpu_name(), opt=2)
+    engine = llvm.create_mcjit_compiler(module, machine)
+    engine.finalize_object()
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    fn = ctypes.CFUNCTYPE(None, p, i, i, p, i, p, i, i, i, i, i, ctypes.c_bool, p, p, i, p, p, p, i)(
+        engine.get_function_address("tile_block"))
+    fn.keep = (engine, module)
+    return fn
+
+
+@needs_avx512
+@pytest.mark.parametrize("kind", AMX_KIND_LIST)
+def test_tile_kernel_ir_with_emulated_tiles(kind):
+    """The kernel's own IR (its k loop, tile addresses and strides, scratch, epilogue, full / ragged / add
+    stores) run on this CPU with each tile operation emulated, called block by block as driver._amx_tasks
+    does: the driver's result (emulate_qgemm, bit for bit) and nothing outside the computed columns."""
+    emulated = EmulatedTiles()
+    kernels = {m: jit_tile_kernel(kind, m, emulated) for m in tiles.M_TILE_VARIANTS}
+    rng = np.random.default_rng(6)
+    addr = lambda arr: arr.ctypes.data  # noqa: E731
+    for m, k, n in [(1, 8, 5), (17, 80, 70), (45, 130, 33), (64, 64, 64)]:
+        x = rng.standard_normal((m, k)).astype(np.float32) * 2 + 0.3
+        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        weight = pack(w, rng.standard_normal(n).astype(np.float32), kind)
+        a, rscale, rzp = qgemm.prepare_a(x, kind)
+        lda, nr = a.shape[1], qgemm.NR
+        for epilogue in ("none", "add"):
+            out0 = rng.standard_normal((m, n + 3)).astype(np.float32)  # 3 columns the kernel must not touch
+            out = out0.copy()
+            for col in range(0, n, nr):
+                for row in range(0, m, tiles.MR):
+                    rows = min(tiles.MR, m - row)
+                    kernels[2 if rows > kinds.TILE_ROWS else 1](
+                        addr(a), row * lda, lda, addr(weight.packed),
+                        (col // nr) * weight.groups * nr * weight.group, addr(out), row * (n + 3) + col, n + 3,
+                        weight.groups, rows, min(nr, n - col), epilogue == "add", addr(rscale), addr(rzp), row,
+                        addr(weight.cscale), addr(weight.colsum), addr(weight.bias), col)
+            expect = np.ascontiguousarray(out0[:, :n])
+            emulate_qgemm(x, weight, expect, epilogue)
+            np.testing.assert_array_equal(out[:, :n], expect, err_msg=f"{kind} {m}x{k}x{n} {epilogue}")
+            np.testing.assert_array_equal(out[:, n:], out0[:, n:])
 
 
 def test_tile_config_bytes():

@@ -43,6 +43,10 @@ _VOID = ir.VoidType()
 _I8P = _I8.as_pointer()
 _I64 = ir.IntType(64)
 INSTRUCTION = {"amx-bf16": "tdpbf16ps", "amx-int8": "tdpbusd"}  # u8 activations x s8 weights, as vnni
+# the functions emit_tile_kernel calls per tile operation: LLVM's AMX intrinsics (a test substitutes functions
+# of the same signatures that emulate them, to run the kernel's own addressing and epilogue on any CPU)
+INTRINSICS = {name: f"llvm.x86.{name}" for name in ("tileloadd64", "tilestored64", "tilezero", "tdpbf16ps",
+                                                     "tdpbusd")}
 
 
 def tile_config() -> bytes:
@@ -76,15 +80,16 @@ def emit_release(builder):
 
 
 def emit_tile_kernel(builder, kind, m_tiles, a_data, a_off, lda, b_data, b_off, c_data, c_off, ldc, groups,
-                     rows, cols, add, rs_data, rzp_data, r_off, cs_data, colsum_data, bias_data, n_off):
+                     rows, cols, add, rs_data, rzp_data, r_off, cs_data, colsum_data, bias_data, n_off,
+                     intrinsics=INTRINSICS):
     """The m_tiles*16 x NR block (arguments as qgemm.make_qkernel's, as LLVM values: element pointers, i64
     offsets and strides in elements, groups a multiple of 16); the tile configuration must be loaded."""
     g = GROUP[kind]
     a_item = 2 if kind == "amx-bf16" else 1  # bytes per A / B element
-    load = _function(builder, "llvm.x86.tileloadd64", [_I8, _I8P, _I64])
-    store = _function(builder, "llvm.x86.tilestored64", [_I8, _I8P, _I64])
-    zero = _function(builder, "llvm.x86.tilezero", [_I8])
-    dot = _function(builder, f"llvm.x86.{INSTRUCTION[kind]}", [_I8, _I8, _I8])
+    load = _function(builder, intrinsics["tileloadd64"], [_I8, _I8P, _I64])
+    store = _function(builder, intrinsics["tilestored64"], [_I8, _I8P, _I64])
+    zero = _function(builder, intrinsics["tilezero"], [_I8])
+    dot = _function(builder, intrinsics[INSTRUCTION[kind]], [_I8, _I8, _I8])
     acc_type = I32 if kind in INT8_KINDS else F32
     rows_out = m_tiles * TILE_ROWS
 
