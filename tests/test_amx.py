@@ -25,8 +25,8 @@ PRECISION = {kind: precision for precision, kind in kinds.AMX_KINDS.items()}
 TWIN = {"amx-int8": "vnni", "amx-bf16": "dpbf16"}  # the AVX-512 kind with the same operands and math
 AMX_KIND_LIST = sorted(PRECISION)
 needs_amx = pytest.mark.skipif(not (amx.usable("bf16") and amx.usable("int8")),
-                               reason="did not run: this CPU has no AMX (or Linux refused the tile state): "
-                                      + amx.status("bf16")[1])
+                               reason="did not run: " + (amx.status("int8")[1] if amx.usable("bf16")
+                                                                 else amx.status("bf16")[1]))
 needs_avx512 = pytest.mark.skipif(isa.ISA != "avx512" or not isa.is_x86(),
                                   reason="the AMX kinds' panels are the AVX-512 build's (NR = 32)")
 
