@@ -30,7 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .. import amx, isa
-from .._microkernel import F32, I32, int64, store_tile, vector_ptr
+from .._microkernel import F32, I32, full_tile, int64, row_pointers, store_tile, vector_ptr
 from .codegen import LANES, NR, fused_epilogue
 from .kinds import AMX_KINDS, GROUP, INT8_KINDS, TILE_BYTES, TILE_ROWS
 
@@ -140,10 +140,8 @@ def emit_tile_kernel(builder, kind, m_tiles, a_data, a_off, lda, b_data, b_off, 
              for v in range(vectors)] for i in range(rows_out)]
     values = fused_epilogue(builder, kind, accs, rs_data, rzp_data, r_off, cs_data, colsum_data, bias_data,
                             n_off, LANES)
-    c_base = builder.gep(c_data, [c_off])
-    c_rows = [builder.gep(c_base, [builder.mul(int64(i), ldc)]) for i in range(rows_out)]
-    whole = builder.and_(builder.icmp_signed(">=", rows, int64(rows_out)), builder.icmp_signed(">=", cols, int64(NR)))
-    store_tile(builder, c_rows, values, LANES, add, rows, cols, whole)
+    c_rows = row_pointers(builder, c_data, c_off, rows_out, ldc)
+    store_tile(builder, c_rows, values, LANES, add, rows, cols, full_tile(builder, rows, cols, rows_out, NR))
 
 
 def targets_amx(kind) -> bool:
