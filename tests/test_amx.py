@@ -346,7 +346,8 @@ DRIVER_SCRIPT = textwrap.dedent("""
     i64 = numba.types.int64
     for kind in ("amx-bf16", "amx-int8"):
         a, b = np.zeros(64, kinds.A_DTYPE[kind]), np.zeros(64, kinds.B_DTYPE[kind])
-        c, f, i, counter = np.zeros((2, 2), np.float32), np.zeros(4, np.float32), np.zeros(4, np.int32), np.zeros(1, np.int64)
+        c, f, i = np.zeros((2, 2), np.float32), np.zeros(4, np.float32), np.zeros(4, np.int32)
+        counter = np.zeros(1, np.int64)
         t = numba.typeof
         sig = (t(a), i64, i64, t(b), i64, t(c), i64, i64, t(f), t(i), t(f), t(i), t(f), i64, i64, i64, i64,
                t(counter), i64, i64)
@@ -490,8 +491,8 @@ def test_amx_kernel_matches_its_emulation(kind):
     rng = np.random.default_rng(4)
     for m, k, n in SHAPES:
         x = rng.standard_normal((m, k)).astype(np.float32)
-        weight = pack((rng.standard_normal((n, k)) * 0.05).astype(np.float32), rng.standard_normal(n).astype(np.float32),
-                      kind)
+        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        weight = pack(w, rng.standard_normal(n).astype(np.float32), kind)
         for epilogue in ("none", "gelu", "add"):
             out0 = rng.standard_normal((m, n)).astype(np.float32)
             emulated, kernel = out0.copy(), out0.copy()
@@ -542,8 +543,8 @@ def test_amx_column_range(kind):
 def test_amx_is_chosen_and_the_avx512_kernels_can_be_forced():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VITNP_ISA", "VITNP_INT8", "VITNP_BF16"))}
     script = "import json; from vitnp.kernels import qgemm; print(json.dumps(qgemm.KIND))"
-    for extra, expect in (({}, {"int8": "amx-int8", "bf16": "amx-bf16"}),
-                          ({"VITNP_INT8_KERNEL": "vnni", "VITNP_BF16_KERNEL": "dpbf16"}, {"int8": "vnni", "bf16": "dpbf16"})):
+    forced = {"VITNP_INT8_KERNEL": "vnni", "VITNP_BF16_KERNEL": "dpbf16"}
+    for extra, expect in (({}, {"int8": "amx-int8", "bf16": "amx-bf16"}), (forced, {"int8": "vnni", "bf16": "dpbf16"})):
         run = subprocess.run([sys.executable, "-c", script], env={**env, **extra}, capture_output=True, text=True,
                              timeout=300)
         assert json.loads(run.stdout) == expect, run.stderr

@@ -17,5 +17,6 @@ from .quantize import quantize_weight_rows, row_scale_zero_point
 
 __all__ = ["MR", "NR", "make_qkernel", "EPILOGUES", "SERIAL_PREPARE_MAX", "kernels_for", "plan", "prepare_a",
            "qgemm", "row_block", "A_DTYPE", "AMX_KINDS", "B_DTYPE", "BF16_KIND", "DESCRIPTIONS", "GROUP",
-           "INT8_KIND", "INT8_KINDS", "K_ALIGN", "KIND", "REASON", "choose", "padded_k", "supported_kinds", "PackedWeight", "pack_bf16", "pack_int8", "pack_quantized", "unpack",
-           "quantize_weight_rows", "row_scale_zero_point"]
+           "INT8_KIND", "INT8_KINDS", "K_ALIGN", "KIND", "REASON", "choose", "padded_k", "supported_kinds",
+           "PackedWeight", "pack_bf16", "pack_int8", "pack_quantized", "unpack", "quantize_weight_rows",
+           "row_scale_zero_point"]
