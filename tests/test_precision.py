@@ -230,6 +230,8 @@ def test_kernel_choice_from_the_environment():
     supported = qgemm.supported_kinds()
     for precision, (variable, preferred, fallback) in kinds.CHOICES.items():
         default = preferred if preferred in supported else fallback
+        if kinds.AMX_KINDS[precision] in supported:  # AMX comes first where usable (tests/test_amx.py)
+            default = kinds.AMX_KINDS[precision]
         assert kinds.choose(precision, {}) == default
         assert kinds.choose(precision, {variable: " Auto "}) == default
         assert kinds.choose(precision, {variable: fallback.upper()}) == fallback

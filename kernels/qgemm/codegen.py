@@ -17,6 +17,7 @@ kernels/qgemm/__pycache__/*.nbi and *.nbc.
 """
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -24,7 +25,7 @@ from numba.extending import intrinsic
 
 from .. import isa
 from .._microkernel import F32, I16, I32, full_tile, int64, k_loop, row_pointers, splat, store_tile, vector_ptr
-from .kinds import GROUP, INT8_KINDS, supported_kinds
+from .kinds import A_DTYPE, GROUP, INT8_KINDS, supported_kinds
 
 MR = isa.SPEC.gemm_mr  # the fp32 GEMM's micro-tile (isa.py): the same register budget
 NR = isa.SPEC.gemm_nr
@@ -114,9 +115,6 @@ def _inner_step(kind, builder, lanes):
 def _codegen(kind, mr, nr, lanes):
     g = GROUP[kind]
     vectors = nr // lanes
-    integer = kind in INT8_KINDS
-    fvec = ir.VectorType(F32, lanes)
-    ivec = ir.VectorType(I32, lanes)
 
     def codegen(context, builder, sig, args):
         (a_arr, a_off, lda, b_arr, b_off, c_arr, c_off, ldc, groups, rows, cols, add,
@@ -142,31 +140,45 @@ def _codegen(kind, mr, nr, lanes):
             return load_a_value(builder.gep(a_rows[i], [builder.mul(p, int64(g))]))
 
         accs = k_loop(builder, groups, zero, mr, vectors, load_b, load_a, update, unroll=False)
-
-        def column_vectors(base_data, element):
-            base = builder.gep(base_data, [n_off])
-            return [builder.load(vector_ptr(builder, base, v, lanes, element), align=4) for v in range(vectors)]
-
-        bias = column_vectors(bias_data, F32)
-        if integer:
-            cscale = column_vectors(cs_data, F32)
-            colsum = column_vectors(colsum_data, I32) if kind == "vnni" else None
-        values = []
-        for i, row in enumerate(accs):
-            if not integer:
-                values.append([builder.fadd(acc, bias[v]) for v, acc in enumerate(row)])
-                continue
-            r = builder.add(r_off, int64(i))
-            rs = splat(builder, builder.load(builder.gep(rs_data, [r])), fvec)
-            if kind == "vnni":
-                zp = splat(builder, builder.load(builder.gep(rzp_data, [r])), ivec)
-                row = [builder.sub(acc, builder.mul(zp, colsum[v])) for v, acc in enumerate(row)]
-            values.append([builder.fadd(builder.fmul(builder.sitofp(acc, fvec), builder.fmul(rs, cscale[v])), bias[v])
-                           for v, acc in enumerate(row)])
+        values = fused_epilogue(builder, kind, accs, rs_data, rzp_data, r_off, cs_data, colsum_data, bias_data,
+                                n_off, lanes)
         store_tile(builder, c_rows, values, lanes, add, rows, cols, whole)
         return context.get_dummy_value()
 
     return codegen
+
+
+def fused_epilogue(builder, kind, accs, rs_data, rzp_data, r_off, cs_data, colsum_data, bias_data, n_off, lanes):
+    """The float32 tile ([row][vector]) of accumulators `accs` (int32 for the int8 kinds, float32 for bf16)
+    after the kind's epilogue: int kinds float(acc [- rzp[r_off+i]*colsum[n]]) * (rscale[r_off+i]*cscale[n])
+    + bias[n] (the zero-point term where A is u8), bf16 kinds acc + bias[n]; n = n_off + j."""
+    vectors = len(accs[0])
+    integer = kind in INT8_KINDS
+    zero_point = A_DTYPE[kind] == np.uint8
+    fvec = ir.VectorType(F32, lanes)
+    ivec = ir.VectorType(I32, lanes)
+
+    def column_vectors(base_data, element):
+        base = builder.gep(base_data, [n_off])
+        return [builder.load(vector_ptr(builder, base, v, lanes, element), align=4) for v in range(vectors)]
+
+    bias = column_vectors(bias_data, F32)
+    if integer:
+        cscale = column_vectors(cs_data, F32)
+        colsum = column_vectors(colsum_data, I32) if zero_point else None
+    values = []
+    for i, row in enumerate(accs):
+        if not integer:
+            values.append([builder.fadd(acc, bias[v]) for v, acc in enumerate(row)])
+            continue
+        r = builder.add(r_off, int64(i))
+        rs = splat(builder, builder.load(builder.gep(rs_data, [r])), fvec)
+        if zero_point:
+            zp = splat(builder, builder.load(builder.gep(rzp_data, [r])), ivec)
+            row = [builder.sub(acc, builder.mul(zp, colsum[v])) for v, acc in enumerate(row)]
+        values.append([builder.fadd(builder.fmul(builder.sitofp(acc, fvec), builder.fmul(rs, cscale[v])), bias[v])
+                       for v, acc in enumerate(row)])
+    return values
 
 
 _micro = make_qkernel(MR)

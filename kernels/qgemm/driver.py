@@ -11,8 +11,9 @@ from numba.extending import intrinsic
 from .._aligned import aligned_empty
 from ..elementwise import gelu_inplace_serial
 from ..tiling import cdiv, task_bounds, task_count
+from . import tiles
 from .codegen import MR, NR, micro_rows
-from .kinds import A_DTYPE, BF16_KIND, GROUP, INT8_KINDS
+from .kinds import A_DTYPE, AMX_KINDS, INT8_KINDS, KIND, padded_k
 from .pack import PackedWeight
 from .quantize import bf16_rows, bf16_rows_serial, copy_rows, quantize_rows, quantize_rows_serial
 
@@ -68,15 +69,51 @@ def _qgemm_tasks(a, lda, groups, b, group, c, rows_total, cols_total, rscale, rz
                     gelu_inplace_serial(c_flat[i * cols_total + c0:i * cols_total + c1])
 
 
+@njit(cache=True, parallel=True)
+def _amx_tasks(a, lda, groups, b, group, c, rows_total, cols_total, rscale, rzp, cscale, colsum, bias,
+               epilogue, task_rows, task_cols, workers, counter, c_begin, c_end):
+    """_qgemm_tasks for the AMX kinds (tiles.py): blocks of tiles.MR rows, the tile configuration loaded once
+    per task and the tiles released after it."""
+    c_flat = c.reshape(-1)
+    tasks = task_count(rows_total, c_end - c_begin, task_rows, task_cols)
+    add = epilogue == 2
+    panel = groups * NR * group
+    for w in prange(workers):
+        while True:
+            task = _fetch_add(counter, 1)
+            if task >= tasks:
+                break
+            r0, r1, c0, c1 = task_bounds(task, rows_total, c_end - c_begin, task_rows, task_cols)
+            c0, c1 = c0 + c_begin, c1 + c_begin
+            tiles.configure()
+            for col in range(c0, c1, NR):
+                cols = min(NR, c1 - col)
+                b_off = (col // NR) * panel
+                for row in range(r0, r1, tiles.MR):
+                    rows = min(tiles.MR, r1 - row)
+                    if rows > tiles.TILE_ROWS:
+                        tiles.tile_kernel(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col, cols_total,
+                                          groups, rows, cols, add, rscale, rzp, row, cscale, colsum, bias, col)
+                    else:
+                        tiles.tile_kernel_short(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col,
+                                                cols_total, groups, rows, cols, add, rscale, rzp, row, cscale,
+                                                colsum, bias, col)
+            tiles.release()
+            if epilogue == 1:
+                for i in range(r0, r1):
+                    gelu_inplace_serial(c_flat[i * cols_total + c0:i * cols_total + c1])
+
+
 def kernels_for(precision: str) -> tuple:
     """The dispatchers whose compiled presence shows this precision's GEMM is ready: the int8 and bf16
     GEMMs share one driver (with different operand types), so each one's activation-preparing kernel
     tells them apart."""
+    if precision not in KIND:
+        raise ValueError(f"precision must be int8 or bf16, got {precision!r}")
+    tasks = _amx_tasks if KIND[precision] in AMX_KINDS.values() else _qgemm_tasks
     if precision == "int8":
-        return (_qgemm_tasks, quantize_rows)
-    if precision == "bf16":
-        return (_qgemm_tasks, bf16_rows if BF16_KIND == "dpbf16" else copy_rows)
-    raise ValueError(f"precision must be int8 or bf16, got {precision!r}")
+        return (tasks, quantize_rows)
+    return (tasks, copy_rows if KIND[precision] == "widen" else bf16_rows)
 
 
 _local = threading.local()
@@ -94,11 +131,11 @@ def _scratch(name, rows, cols, dtype):
     return buf[:rows * cols].reshape(rows, cols)
 
 
-def plan(rows, cols, row_bytes, workers):
+def plan(rows, cols, row_bytes, workers, mr=MR):
     """(task_rows, task_cols): row blocks whose A slab fits A_BLOCK_BYTES, columns cut so that there are
-    about TASKS_PER_WORKER tasks per worker (whole micro-tiles, at least two column panels each)."""
-    block = max(MR, (A_BLOCK_BYTES // max(1, row_bytes)) // MR * MR)
-    task_rows = min(block, cdiv(rows, MR) * MR)
+    about TASKS_PER_WORKER tasks per worker (whole micro-tiles of mr rows, at least two column panels each)."""
+    block = max(mr, (A_BLOCK_BYTES // max(1, row_bytes)) // mr * mr)
+    task_rows = min(block, cdiv(rows, mr) * mr)
     row_tasks = cdiv(rows, task_rows)
     panels = cdiv(cols, NR)
     col_tasks = max(1, min(cdiv(panels, 2), cdiv(TASKS_PER_WORKER * workers, row_tasks))) if workers > 1 else 1
@@ -108,12 +145,18 @@ def plan(rows, cols, row_bytes, workers):
 _NO_ROW_TERMS = np.zeros(1, np.float32), np.zeros(1, np.int32)  # the bf16 kinds have no row scales
 
 
+def row_block(kind) -> int:
+    """Rows per micro-kernel call of `kind`: A's rows are padded to a multiple of it."""
+    return tiles.MR if kind in AMX_KINDS.values() else MR
+
+
 def prepare_a(x, kind):
-    """x (M, K) float32 -> (A operand with rows padded to MR and K to the group, row scales, zero points)."""
+    """x (M, K) float32 -> (A operand with rows padded to row_block(kind) and K to kinds.K_ALIGN, row scales,
+    zero points)."""
     rows, k = x.shape
-    g = GROUP[kind]
-    rows_pad = cdiv(max(rows, 1), MR) * MR
-    kp = cdiv(k, g) * g
+    mr = row_block(kind)
+    rows_pad = cdiv(max(rows, 1), mr) * mr
+    kp = padded_k(kind, k)
     a = _scratch("a", rows_pad, kp, A_DTYPE[kind])
     serial = rows_pad * kp <= SERIAL_PREPARE_MAX
     if kind in INT8_KINDS:
@@ -121,10 +164,10 @@ def prepare_a(x, kind):
         zp = _scratch("zp", 1, rows_pad, np.int32)[0]
         (quantize_rows_serial if serial else quantize_rows)(x, a, scale, zp, kind == "madd")
         return a, scale, zp
-    if kind == "dpbf16":
-        (bf16_rows_serial if serial else bf16_rows)(x, a)
-    else:
+    if kind == "widen":
         copy_rows(x, a)
+    else:
+        (bf16_rows_serial if serial else bf16_rows)(x, a)
     return (a, *_NO_ROW_TERMS)
 
 
@@ -139,9 +182,10 @@ def qgemm(x, weight: PackedWeight, out, epilogue="none", columns=None):
     a, rscale, rzp = prepare_a(x, weight.kind)
     lda = a.shape[1]
     workers = get_num_threads()
-    task_rows, task_cols = plan(rows, c_end - c_begin, lda * a.itemsize, workers)
+    task_rows, task_cols = plan(rows, c_end - c_begin, lda * a.itemsize, workers, row_block(weight.kind))
     counter = _scratch("counter", 1, 1, np.int64)[0]
     counter[0] = 0
-    _qgemm_tasks(a.reshape(-1), lda, weight.groups, weight.packed, weight.group, out, rows, n, rscale, rzp,
+    tasks = _amx_tasks if weight.kind in AMX_KINDS.values() else _qgemm_tasks
+    tasks(a.reshape(-1), lda, weight.groups, weight.packed, weight.group, out, rows, n, rscale, rzp,
                  weight.cscale, weight.colsum, weight.bias, EPILOGUES[epilogue], task_rows, task_cols,
                  workers, counter, c_begin, c_end)

@@ -2,7 +2,9 @@
 already quantised values (pack_quantized), and back (unpack).
 
 Layout: panels of NR output columns; in panel j, group p (GROUP[kind] consecutive k values), column c,
-element t sits at ((j*groups + p)*NR + c)*group + t; zero past N and K.
+element t sits at ((j*groups + p)*NR + c)*group + t; zero past N and K.  groups covers k padded to
+kinds.K_ALIGN (a group; for the AMX kinds a whole tile of k, so each 16 consecutive groups of a panel's
+16-column half are one B tile: tiles.py).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from numba import njit
 from .._aligned import aligned_empty
 from ..tiling import cdiv
 from .codegen import NR
-from .kinds import B_DTYPE, BF16_KIND, GROUP, INT8_KIND, INT8_KINDS
+from .kinds import B_DTYPE, BF16_KIND, GROUP, INT8_KIND, INT8_KINDS, padded_k
 from .quantize import bf16_row, quantize_weight_rows
 
 
@@ -22,7 +24,7 @@ class PackedWeight:
     def __init__(self, kind, n_out, k, packed, cscale, colsum, bias):
         self.kind, self.out_features, self.in_features = kind, n_out, k
         self.group = GROUP[kind]
-        self.groups = cdiv(k, self.group)
+        self.groups = padded_k(kind, k) // self.group
         self.packed, self.cscale, self.colsum, self.bias = packed, cscale, colsum, bias
 
     @property
@@ -73,7 +75,7 @@ def _row_parts(weight):
 def _panels(values, kind):
     n_out, k = values.shape
     g = GROUP[kind]
-    packed = aligned_empty(1, cdiv(n_out, NR) * NR * cdiv(k, g) * g, B_DTYPE[kind])[0]
+    packed = aligned_empty(1, cdiv(n_out, NR) * NR * padded_k(kind, k), B_DTYPE[kind])[0]
     _pack(values, g, packed)
     return packed
 
