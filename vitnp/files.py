@@ -303,9 +303,9 @@ def run_classify(job: ClassifyOptions) -> int:
                         failures += 1
                         records.emit(found.path, error=str(e))
                 if good:
-                    logits = clf.logits(pixels[:len(good)])
-                    with np.errstate(all="ignore"):  # a non-finite score becomes an error record below
-                        results = clf.postprocess(logits, top_k=job.top_k, function_to_apply=job.function_to_apply)
+                    with np.errstate(all="ignore"):  # an overflow's non-finite score becomes an error record below
+                        results = clf.postprocess(clf.logits(pixels[:len(good)]), top_k=job.top_k,
+                                                  function_to_apply=job.function_to_apply)
                     for path, predictions in zip(good, results):
                         if all(math.isfinite(p["score"]) for p in predictions):
                             records.emit(path, predictions=predictions)
