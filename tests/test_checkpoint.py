@@ -452,7 +452,7 @@ def test_claims_checked_for_both_heads_of_a_distilled_deit(tiny_deit_distilled):
         check_against_tensors(lying, shapes)
 
 
-# ---- end to end through vitnp.load: pass once weights.py uses vitnp.checkpoint -------------------------------
+# ---- the rows end to end through vitnp.load -------------------------------------------------------------
 
 @pytest.mark.parametrize("edit,message", [
     (lambda h: b"[1, 2]", "header is a JSON array"),

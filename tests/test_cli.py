@@ -238,12 +238,14 @@ def without_root_file_access():
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
-def test_unreadable_subdirectory_is_an_error_record(tiny_vit, examples_dir, tmp_path):
+def test_unreadable_subdirectory_and_file_are_error_records(tiny_vit, examples_dir, tmp_path):
     shutil.copy(examples_dir / "cats.jpg", tmp_path / "a.jpg")
     locked = tmp_path / "locked"
     locked.mkdir()
     shutil.copy(examples_dir / "coffee.jpg", locked / "b.jpg")
     locked.chmod(0)
+    shutil.copy(examples_dir / "coffee.jpg", tmp_path / "c.jpg")
+    (tmp_path / "c.jpg").chmod(0)
     try:
         result = subprocess.run([sys.executable, "-m", "vitnp", "classify", str(tmp_path), "--model", str(tiny_vit),
                                  "--json"], capture_output=True, text=True, timeout=300,
@@ -253,8 +255,9 @@ def test_unreadable_subdirectory_is_an_error_record(tiny_vit, examples_dir, tmp_
     assert result.returncode == 1, result.stderr
     records = records_of(result.stdout)
     assert records[str(locked)]["error"] == f"'{locked}': cannot read directory (Permission denied)"
-    assert "predictions" in records[str(tmp_path / "a.jpg")] and len(records) == 2
-    assert "1 of 2 images failed" in result.stderr
+    assert records[str(tmp_path / "c.jpg")]["error"] == f"'{tmp_path / 'c.jpg'}': cannot open file (Permission denied)"
+    assert "predictions" in records[str(tmp_path / "a.jpg")] and len(records) == 3
+    assert "2 of 3 images failed" in result.stderr
 
 
 def test_a_directory_whose_path_is_too_long_to_read_is_an_error_record(tmp_path):

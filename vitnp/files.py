@@ -157,7 +157,8 @@ class RecordWriter:
     one write (the rest again if the system takes less), past Python's buffer, so nothing of a failed
     record is left behind for a later flush. If a write fails part-way through a record and the output is
     a regular file, the file is cut back to where the record began: a full disk ends the file after the
-    last whole record. A broken pipe raises BrokenPipeError as before; any other write error OutputError."""
+    last whole record. A broken pipe raises BrokenPipeError (the command then stops quietly, as Unix tools
+    do); any other write error raises OutputError."""
 
     def __init__(self, stream):
         self.stream = stream
