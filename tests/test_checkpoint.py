@@ -452,19 +452,25 @@ def test_claims_checked_for_both_heads_of_a_distilled_deit(tiny_deit_distilled):
         check_against_tensors(lying, shapes)
 
 
-# ---- end to end through vitnp.load: pass once weights.py uses vitnp.checkpoint -------------------------------
+# ---- the issue's rows end to end through vitnp.load -------------------------------------------------------------
 
-@pytest.mark.parametrize("edit", [
-    lambda h: b"[1, 2]",
-    entry("classifier.bias", data_offsets=["0", "40"]),
-    entry("classifier.bias", dtype="F16"),
-    entry("classifier.bias", data_offsets=[-48, -8]),
-    lambda h: h["vit.layernorm.weight"].update(data_offsets=h["vit.layernorm.bias"]["data_offsets"]),
-], ids=["header-list", "offsets-strings", "byte-length", "negative-offsets", "same-bytes"])
-def test_load_rejects_malformed_header(digits, edit):
-    patch_header(digits, edit)
-    with pytest.raises(vitnp.CheckpointError):
-        vitnp.load(digits)
+@pytest.mark.parametrize("edit,message", [
+    (lambda h: b"[1, 2]", "header is a JSON array"),
+    (lambda h: b'"weights"', "header is a JSON string"),
+    (entry("classifier.bias", data_offsets=["0", "40"]), "must be two non-negative integers"),
+    (entry("classifier.bias", data_offsets=[0.0, 40.0]), "must be two non-negative integers"),
+    (entry("classifier.bias", dtype=["F32"]), "unknown dtype"),
+    (entry("classifier.bias", shape=[10.0]), "must be a list of non-negative integers"),
+    (entry("classifier.bias", dtype="F16"), "span 40 bytes but shape \\[10\\] of F16 takes 20"),
+    (entry("classifier.bias", data_offsets=[-48, -8]), "must be two non-negative integers"),
+    (lambda h: h["vit.layernorm.weight"].update(data_offsets=h["vit.layernorm.bias"]["data_offsets"]), "overlaps"),
+], ids=["header-list", "header-string", "offsets-strings", "offsets-floats", "dtype-list", "shape-float",
+        "byte-length", "negative-offsets", "same-bytes"])
+def test_load_rejects_malformed_header(digits, edit, message):
+    path = patch_header(digits, edit)
+    with pytest.raises(vitnp.CheckpointError, match=message) as e:
+        vitnp.load(digits, progress=False)
+    assert str(path) in str(e.value)
 
 
 def test_load_rejects_nan_weights(digits):
@@ -477,3 +483,48 @@ def test_load_rejects_a_config_that_lies_in_milliseconds(digits):
     patch_config(digits, num_hidden_layers=1000)
     with pytest.raises(vitnp.ConfigError, match="'num_hidden_layers' is 1000 but the checkpoint holds 4"):
         vitnp.load(digits)
+
+
+def load_peak_bytes(model_dir: Path, error=vitnp.ConfigError, match: str = "") -> int:
+    """vitnp.load(model_dir) must raise `error`; the peak of what Python allocated meanwhile."""
+    import tracemalloc
+
+    vitnp.load(DIGITS, progress=False)  # the kernels load once, outside the measurement
+    tracemalloc.start()
+    try:
+        with pytest.raises(error, match=match):
+            vitnp.load(model_dir, progress=False)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_hidden_layers": 10**6}, "'num_hidden_layers' is 1000000, above the largest"),
+    ({"num_hidden_layers": 1e6}, "'num_hidden_layers' must be a positive integer, got 1000000.0"),
+    ({"num_hidden_layers": 1000}, "'num_hidden_layers' is 1000 but the checkpoint holds 4"),
+    ({"num_labels": 10**9, "id2label": None}, "'num_labels' must be an integer in 1..100000"),
+    ({"num_labels": 1e9, "id2label": None}, "'num_labels' must be an integer in 1..100000"),
+])
+def test_load_refuses_config_sizes_before_allocating(digits, changes, message):
+    """The issue's rows that took 3.6 GB and 12-28 s: refused with a few MB allocated."""
+    d = json.loads((digits / "config.json").read_text())
+    d.update(changes)
+    (digits / "config.json").write_text(json.dumps({k: v for k, v in d.items() if v is not None}))
+    assert load_peak_bytes(digits, match=message) < 16 << 20
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"size": {"height": 30000, "width": 30000}, "do_center_crop": True, "crop_size": {"height": 32, "width": 32}},
+     "field 'size' must be an int in 1..4096"),
+    ({"size": 30000, "do_center_crop": True, "crop_size": 32}, "field 'size' must be an int in 1..4096"),
+    ({"size": {"shortest_edge": 30000}, "do_center_crop": True, "crop_size": 32}, "field 'size'"),
+    ({"crop_size": {"height": 30000, "width": 30000}, "do_center_crop": True}, "field 'crop_size'"),
+])
+def test_load_refuses_a_huge_preprocessor_size(digits, changes, message):
+    """A 30000 x 30000 resize before a 32-pixel crop took > 3.7 GB per image: refused at load."""
+    path = digits / "preprocessor_config.json"
+    d = json.loads(path.read_text())
+    d.update(changes)
+    path.write_text(json.dumps(d))
+    assert load_peak_bytes(digits, match=message) < 16 << 20

@@ -7,7 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import vitnp
@@ -181,3 +183,203 @@ def test_command_lines_become_settings_values(monkeypatch):
     assert job.ray == RayOptions(workers=2) and job.output == "out.parquet"
     assert job.engine.with_fixed_layout() == EngineOptions("numba")
     assert parse_command(["classify", "x.jpg"]).engine.with_fixed_layout() == EngineOptions("numba")
+
+
+# ---- folders the user does not control -------------------------------------------------------------------------
+
+
+def records_of(stdout: str) -> dict:
+    return {r["path"]: r for r in map(strict_json, stdout.splitlines())}
+
+
+def strict_json(line: str):
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON: {line}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_fifos_sockets_and_devices_are_reported_and_never_opened(tiny_vit, examples_dir, tmp_path):
+    """Opening a FIFO for reading blocks until a writer comes: the run must not hang on one."""
+    import socket
+
+    shutil.copy(examples_dir / "cats.jpg", tmp_path / "a.jpg")
+    os.mkfifo(tmp_path / "b.png")
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(tmp_path / "c.jpg"))
+    named_fifo = tmp_path / "named.jpg"
+    os.mkfifo(named_fifo)
+    try:
+        result = subprocess.run([sys.executable, "-m", "vitnp", "classify", str(tmp_path), str(named_fifo),
+                                 "/dev/zero", "--model", str(tiny_vit), "--json"],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        listening.close()
+    assert result.returncode == 1, result.stderr
+    records = records_of(result.stdout)
+    assert "predictions" in records[str(tmp_path / "a.jpg")]
+    assert records[str(tmp_path / "b.png")]["error"].endswith("b.png': a FIFO (named pipe), not a regular file; "
+                                                               "not opened")
+    assert "a socket, not a regular file" in records[str(tmp_path / "c.jpg")]["error"]
+    assert "a FIFO (named pipe), not a regular file" in records[str(named_fifo)]["error"]
+    assert "a character device, not a regular file" in records["/dev/zero"]["error"]
+    assert len(result.stdout.splitlines()) == 6  # named.jpg is found in the folder and named on the command line
+    assert "5 of 6 images failed" in result.stderr and "Traceback" not in result.stderr
+
+
+def without_root_file_access():
+    """In the child: give up the capabilities that let root read any file (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH), so permission bits apply to it as to any user."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone from the next program's set
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_unreadable_subdirectory_and_file_are_error_records(tiny_vit, examples_dir, tmp_path):
+    shutil.copy(examples_dir / "cats.jpg", tmp_path / "a.jpg")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    shutil.copy(examples_dir / "coffee.jpg", locked / "b.jpg")
+    locked.chmod(0)
+    shutil.copy(examples_dir / "coffee.jpg", tmp_path / "c.jpg")
+    (tmp_path / "c.jpg").chmod(0)
+    try:
+        result = subprocess.run([sys.executable, "-m", "vitnp", "classify", str(tmp_path), "--model", str(tiny_vit),
+                                 "--json"], capture_output=True, text=True, timeout=300,
+                                preexec_fn=without_root_file_access if os.geteuid() == 0 else None)
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    records = records_of(result.stdout)
+    assert records[str(locked)]["error"] == f"'{locked}': cannot read directory (Permission denied)"
+    assert records[str(tmp_path / "c.jpg")]["error"] == f"'{tmp_path / 'c.jpg'}': cannot open file (Permission denied)"
+    assert "predictions" in records[str(tmp_path / "a.jpg")] and len(records) == 3
+    assert "2 of 3 images failed" in result.stderr
+
+
+def test_a_directory_whose_path_is_too_long_to_read_is_an_error_record(tmp_path):
+    """Nested names of 242 characters: the walk reaches a directory whose path exceeds PATH_MAX, which
+    the system refuses to list. The only input is in error, so no model is loaded."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    for i in range(20):
+        name = f"{i:02d}" + "d" * 240
+        os.mkdir(name, dir_fd=fd)
+        deeper = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    os.close(fd)
+    result = run_cli("classify", tmp_path, "--model", "no/such-model", "--json")
+    assert result.returncode == 1, result.stderr
+    [record] = map(strict_json, result.stdout.splitlines())
+    assert record["error"].endswith("': cannot read directory (File name too long)")
+    assert len(record["path"]) > os.pathconf(tmp_path, "PC_PATH_MAX")
+    assert "1 of 1 images failed" in result.stderr
+
+
+# ---- writing the results ----------------------------------------------------------------------------------------
+
+
+def digits_command(*args):
+    return [sys.executable, "-m", "vitnp", "classify", "digits", "--model", "bundled:digits", *args]
+
+
+def test_stdout_on_a_full_disk_is_one_clear_line(examples_dir):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(digits_command("--json"), stdout=full, stderr=subprocess.PIPE, text=True,
+                                cwd=examples_dir, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr == "vitnp: cannot write the results: No space left on device\n"
+
+
+def test_output_filling_up_part_way_keeps_whole_records(examples_dir, tmp_path):
+    """The file size limit (RLIMIT_FSIZE) ends a write part-way through the third record, as a full disk
+    would: the file keeps the first two records, whole, and the run ends with one line. The limit applies
+    to every file the process writes, so the kernels are compiled and cached by a first run (backend numba:
+    the auto backend could time its way to a kernel the first run did not compile)."""
+    import resource
+
+    command = digits_command("--json", "--batch-size", "2", "--backend", "numba")
+    whole = subprocess.run(command, capture_output=True, cwd=examples_dir, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    lines = whole.stdout.splitlines(keepends=True)
+    limit = len(lines[0]) + len(lines[1]) + len(lines[2]) // 2
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    with open(tmp_path / "out.jsonl", "wb") as out:
+        result = subprocess.run(command, stdout=out, stderr=subprocess.PIPE, text=True, cwd=examples_dir,
+                                timeout=300, preexec_fn=limit_file_size)
+    assert result.returncode == 2
+    assert result.stderr == "vitnp: cannot write the results: File too large\n"
+    assert (tmp_path / "out.jsonl").read_bytes() == b"".join(lines[:2])
+
+
+@pytest.mark.parametrize("output", ["--json", "text"])
+def test_closed_stdout_is_an_error(output, examples_dir):
+    """`vitnp classify ... >&-`: no output and exit 0 would look like success."""
+    command = " ".join(f"'{a}'" for a in digits_command(*([output] if output != "text" else [])))
+    result = subprocess.run(["sh", "-c", f"exec {command} >&-"], capture_output=True, text=True,
+                            cwd=examples_dir, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr == "vitnp: standard output is closed: nowhere to write the results\n"
+
+
+def test_non_finite_scores_are_error_records_in_strict_json(tiny_vit, examples_dir, tmp_path):
+    """Finite weights can still overflow float32 (here every logit is +inf, so softmax gives NaN): the
+    record says so, and --json never writes NaN."""
+    from safetensors.numpy import load_file, save_file
+
+    model = Path(shutil.copytree(tiny_vit, tmp_path / "model"))
+    tensors = load_file(model / "model.safetensors")
+    tensors["vit.layernorm.bias"] = np.full_like(tensors["vit.layernorm.bias"], 10.0)
+    tensors["classifier.weight"] = np.full_like(tensors["classifier.weight"], 3e38)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    as_json = run_cli("classify", examples_dir / "cats.jpg", "--model", model, "--json")
+    assert as_json.returncode == 1, as_json.stderr
+    [record] = map(strict_json, as_json.stdout.splitlines())
+    assert set(record) == {"path", "error"} and "the model's scores are not finite numbers" in record["error"]
+    as_text = run_cli("classify", examples_dir / "cats.jpg", "--model", model)
+    assert as_text.returncode == 1 and as_text.stdout == ""
+    assert "the model's scores are not finite numbers" in as_text.stderr
+    assert "Warning" not in as_json.stderr + as_text.stderr
+
+
+# ---- memory ---------------------------------------------------------------------------------------------------
+
+
+def peak_rss_mb(args, cwd) -> float:
+    """Peak resident memory (VmHWM) of a fresh process running `vitnp` with these arguments."""
+    script = ("import sys; from vitnp.cli import main; code = main(sys.argv[1:]); "
+              "peak = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')); "
+              "print(code, int(peak.split()[1]) / 1024, file=sys.stderr)")
+    run = subprocess.run([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, cwd=cwd, timeout=300)
+    code, peak = run.stderr.splitlines()[-1].split()
+    assert code == "0", run.stderr
+    return float(peak)
+
+
+def test_a_batch_holds_one_full_size_image_at_a_time(tiny_vit, examples_dir, tmp_path):
+    """Eight 15 MP images in one batch of 8 take about the memory of one: each is reduced to its pixel
+    values before the next is decoded (full-size decodes would add ~60 MB each)."""
+    from test_decode_memory import flat_gray_png
+
+    png = flat_gray_png(4000, 3750)  # 15 MP, decoded in full (below EXACT_DECODE_MAX_PIXELS): 60 MB as RGB
+    for name in ("one", "eight"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "one" / "0.png").write_bytes(png)
+    for i in range(8):
+        (tmp_path / "eight" / f"{i}.png").write_bytes(png)
+    common = ["--model", tiny_vit, "--json", "--batch-size", "8"]
+    small = peak_rss_mb(["classify", examples_dir / "cats.jpg", *common], tmp_path)
+    one = peak_rss_mb(["classify", "one", *common], tmp_path)
+    eight = peak_rss_mb(["classify", "eight", *common], tmp_path)
+    print(f"[memory] peak RSS: small image {small:.1f} MB, one 15 MP image {one:.1f} MB, "
+          f"a batch of eight {eight:.1f} MB")
+    one_image = one - small
+    assert one_image > 15  # the decode is large enough to see
+    assert eight - small < 2 * one_image

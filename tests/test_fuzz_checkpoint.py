@@ -1,7 +1,9 @@
 """Fuzzing the checkpoint reader and the config parser with mutated copies of small checkpoints.
 
-1. Robustness: whatever the mutation, loading either succeeds or raises a VitnpError (never anything else),
-   within a time bound (Hypothesis' deadline) and a memory bound (tracemalloc's peak).
+1. Robustness: whatever the mutation (of the safetensors header, config.json or preprocessor_config.json),
+   vitnp.load either succeeds or raises a VitnpError (never anything else), within a time bound (Hypothesis'
+   deadline) and a memory bound (tracemalloc's peak); what loads computes finite logits, and with a mutated
+   preprocessor config classifies a real image.
 2. Differential: vitnp.checkpoint accepts exactly the files the reference `safetensors` library accepts and
    reads the same tensors (names, dtypes, shapes, bytes) from them, except where vitnp is deliberately
    stricter than the reference parser (see STRICTER).
@@ -12,7 +14,6 @@ Examples per test: --fuzz-examples N (default 100); e.g. `pytest tests/test_fuzz
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 import struct
@@ -26,9 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vitnp
-from vitnp.checkpoint import DTYPE_BITS, VIEW_DTYPES, check_finite, open_checkpoint
-from vitnp.config import check_against_tensors, load_config
-from vitnp.weights import validate
+from vitnp.checkpoint import DTYPE_BITS, VIEW_DTYPES, open_checkpoint
 
 DIGITS = Path(vitnp.__file__).parent / "bundled" / "digits"
 TIME_BOUND = timedelta(seconds=10)  # per example; the malformed files this guards against took 12-28 s
@@ -255,22 +254,37 @@ def test_where_vitnp_is_stricter(kind, tmp_path):
 
 # ---- the load path: loads, or one VitnpError ----------------------------------------------------------------------
 
-def load_pieces(model_dir: Path):
-    """The load path up to packing, in the order weights.py runs it: config, header, config claims vs header
-    shapes, tensor-by-tensor validation, then every tensor read and checked for non-finite values."""
-    cfg = load_config(model_dir / "config.json")
-    tensors = open_checkpoint(model_dir)
-    check_against_tensors(cfg, {n: f.entries[n][1] for n, f in tensors.items()}, str(model_dir / "config.json"))
-    validate(tensors, cfg, model_dir)
-    for name, f in tensors.items():
-        array = f.view(name)
-        if f.entries[name][0] in ("F32", "F16"):
-            check_finite(name, array, model_dir)
-    return cfg
+def load(model_dir: Path):
+    """vitnp.load, the whole way: config, preprocessor config, header, config claims vs header shapes, tensor
+    validation, every tensor read and checked for non-finite values, layers built. Backend numba: the same
+    kernels every time, nothing timed."""
+    return vitnp.load(model_dir, progress=False, backend="numba")
 
 
-def test_mutated_headers_load_or_raise_a_vitnp_error(tmp_path, examples):
-    model_dir = Path(shutil.copytree(DIGITS, tmp_path / "m"))
+@pytest.fixture
+def digits_copy(tmp_path) -> Path:
+    """A copy of the digits model, loaded once first so the kernels are in place before the bounds apply."""
+    load(DIGITS)
+    return Path(shutil.copytree(DIGITS, tmp_path / "m"))
+
+
+def bounded_load(model_dir: Path):
+    """load(model_dir) -> (classifier or None, error type name or "loaded"); within MEMORY_BOUND, and raising
+    nothing but a VitnpError."""
+    tracemalloc.start()
+    try:
+        clf = load(model_dir)
+        outcome = "loaded"
+    except vitnp.VitnpError as e:
+        clf, outcome = None, type(e).__name__
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < MEMORY_BOUND
+    return clf, outcome
+
+
+def test_mutated_headers_load_or_raise_a_vitnp_error(digits_copy, examples):
     header, data = header_of(DIGITS / "model.safetensors")
     names = [n for n in header if n != "__metadata__"]
     outcomes = set()
@@ -278,19 +292,10 @@ def test_mutated_headers_load_or_raise_a_vitnp_error(tmp_path, examples):
     @fuzz_settings(examples)
     @given(steps=st.lists(mutations(names), min_size=1, max_size=3))
     def check(steps):
-        path = model_dir / "model.safetensors"
+        path = digits_copy / "model.safetensors"
         path.unlink()
         path.write_bytes(mutate(header, data, steps))
-        tracemalloc.start()
-        try:
-            load_pieces(model_dir)
-            outcomes.add("loaded")
-        except vitnp.VitnpError as e:
-            outcomes.add(type(e).__name__)
-        finally:
-            peak = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
-        assert peak < MEMORY_BOUND
+        outcomes.add(bounded_load(digits_copy)[1])
 
     check()
     assert "CheckpointError" in outcomes
@@ -315,13 +320,11 @@ def config_mutations():
     )
 
 
-def test_mutated_configs_load_or_raise_a_vitnp_error(tmp_path, examples):
-    """An accepted config goes on to a whole vitnp.load and a forward pass with finite logits."""
-    model_dir = Path(shutil.copytree(DIGITS, tmp_path / "m"))
+def test_mutated_configs_load_or_raise_a_vitnp_error(digits_copy, examples):
+    """An accepted config gives a classifier whose forward pass has finite logits."""
     original = json.loads((DIGITS / "config.json").read_text())
     x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
     outcomes = set()
-    counter = itertools.count()
 
     @fuzz_settings(max(10, examples // 2))
     @given(steps=st.lists(config_mutations(), min_size=1, max_size=3))
@@ -334,23 +337,74 @@ def test_mutated_configs_load_or_raise_a_vitnp_error(tmp_path, examples):
                 d[args[0]] = args[1]
             elif isinstance(d, dict) and kind == "drop":
                 d.pop(args[0], None)
-        (model_dir / "config.json").write_text(json.dumps(d))
-        tracemalloc.start()
-        try:
-            load_pieces(model_dir)
-            accepted = True
-        except vitnp.VitnpError as e:
-            outcomes.add(type(e).__name__)
-            accepted = False
-        finally:
-            peak = tracemalloc.get_traced_memory()[1]
-            tracemalloc.stop()
-        assert peak < MEMORY_BOUND
-        if accepted:
-            next(counter)
-            logits = vitnp.load(model_dir, backend="numba").logits(x)
-            assert np.isfinite(logits).all()
-            outcomes.add("loaded")
+        (digits_copy / "config.json").write_text(json.dumps(d))
+        clf, outcome = bounded_load(digits_copy)
+        outcomes.add(outcome)
+        if clf is not None:
+            assert np.isfinite(clf.logits(x)).all()
 
     check()
     assert "ConfigError" in outcomes
+
+
+PROCESSOR_FIELDS = ["image_processor_type", "feature_extractor_type", "do_resize", "size", "resample",
+                    "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+                    "image_std"]
+
+
+def processor_mutations():
+    field = st.sampled_from(PROCESSOR_FIELDS)
+    side = st.one_of(st.integers(-2, 40), st.integers(0, 10**6), st.floats())
+    plausible = st.one_of(
+        side, st.booleans(), st.none(),
+        st.fixed_dictionaries({"height": side, "width": side}),
+        st.fixed_dictionaries({"shortest_edge": side}),
+        st.lists(side, max_size=3),
+        st.lists(st.floats(), min_size=3, max_size=3),
+        st.sampled_from(["ViTImageProcessor", "DeiTImageProcessor", "ViTFeatureExtractor", "CLIPImageProcessor",
+                         1e-300, 1e300, float("nan"), float("inf"), 0.0, -1.0]))
+    return st.one_of(
+        st.tuples(st.just("set"), field, plausible),
+        st.tuples(st.just("set"), field, JSON),
+        st.tuples(st.just("drop"), field),
+        st.tuples(st.just("root"), JSON),
+    )
+
+
+def test_mutated_preprocessor_configs_load_or_raise_a_vitnp_error(digits_copy, examples, examples_dir):
+    """An accepted preprocessor config classifies a real image: finite scores, or one VitnpError."""
+    original = json.loads((DIGITS / "preprocessor_config.json").read_text())
+    image = examples_dir / "digits" / "digit-3-idx0705.png"
+    outcomes = set()
+
+    @fuzz_settings(max(10, examples // 2))
+    @given(steps=st.lists(processor_mutations(), min_size=1, max_size=3))
+    def check(steps):
+        d = dict(original)
+        for kind, *args in steps:
+            if kind == "root":
+                d = args[0]
+            elif isinstance(d, dict) and kind == "set":
+                d[args[0]] = args[1]
+            elif isinstance(d, dict) and kind == "drop":
+                d.pop(args[0], None)
+        (digits_copy / "preprocessor_config.json").write_text(json.dumps(d))
+        clf, outcome = bounded_load(digits_copy)
+        outcomes.add(outcome)
+        if clf is not None:
+            tracemalloc.start()
+            try:
+                scores = [p["score"] for p in clf.classify(image)]
+            except vitnp.VitnpError as e:
+                outcomes.add(type(e).__name__)
+                return
+            finally:
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+            assert peak < MEMORY_BOUND
+            assert np.isfinite(scores).all()
+
+    check()
+    assert "ConfigError" in outcomes
+    if examples >= 50:
+        assert "loaded" in outcomes
