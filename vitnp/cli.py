@@ -19,6 +19,7 @@ from .postprocess import FUNCTIONS
 from .options import (
     BACKENDS,
     DEFAULT_MODEL,
+    LOG_FORMATS,
     LOG_LEVELS,
     PRECISIONS,
     ClassifyOptions,
@@ -184,6 +185,19 @@ def add_serve_parser(sub) -> None:
                    help="with --ray: autoscale between MIN and MAX replicas on ongoing requests")
     p.add_argument("--log-level", default=server["log_level"], choices=LOG_LEVELS,
                    help=f"log level (default {server['log_level']}; the access log is logger vitnp.access at info)")
+    p.add_argument("--log-format", default=server["log_format"], choices=LOG_FORMATS,
+                   help=f"log lines as text or one JSON object per line (default {server['log_format']})")
+    p.add_argument("--cors-allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let browser pages from ORIGIN (scheme://host[:port], or * for any) call the server; "
+                        "repeatable (default: no CORS headers)")
+    p.add_argument("--keep-alive-timeout", type=positive_float, default=server["keep_alive_timeout"],
+                   help=f"seconds an idle keep-alive connection stays open (default {server['keep_alive_timeout']:g})")
+    p.add_argument("--header-timeout", type=positive_float, default=server["header_timeout"],
+                   help=f"seconds a connection has to send a whole request head before it is closed "
+                        f"(default {server['header_timeout']:g})")
+    p.add_argument("--max-connections", type=positive_int, default=server["max_connections"],
+                   help=f"open connections (or requests in progress) past which new requests get 503 "
+                        f"(default {server['max_connections']})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,7 +245,10 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
         port=args.port, token=token, log_level=args.log_level,
         engine=EngineOptions(args.backend, args.precision, args.threads), serving=serving,
         ray=RayOptions(address=args.ray_address, replicas=args.replicas, autoscale=args.autoscale)
-        if args.ray else None)
+        if args.ray else None,
+        log_format=args.log_format, cors_allow_origins=tuple(args.cors_allow_origin),
+        keep_alive_timeout=args.keep_alive_timeout, header_timeout=args.header_timeout,
+        max_connections=args.max_connections)
 
 
 def resolve_token(token_env: str | None) -> str | None:
@@ -306,8 +323,9 @@ def skip_numba_scipy_probe() -> None:
 
 def run(command: ClassifyOptions | ServerOptions) -> int:
     if isinstance(command, ServerOptions):
-        logging.basicConfig(level=getattr(logging, command.log_level.upper()),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from .logs import configure
+
+        configure(command.log_level, command.log_format)
         if command.ray is not None:
             from .ray import run_serve
 

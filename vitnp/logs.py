@@ -24,8 +24,9 @@ import re
 import sys
 import time
 
+from .options import LOG_FORMATS
+
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("vitnp_request_id", default=None)
-FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # C0 controls, DEL, C1 controls, and the characters some readers take as line breaks.
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -112,8 +113,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def formatter(fmt: str) -> logging.Formatter:
-    if fmt not in FORMATS:
-        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
     return JsonFormatter() if fmt == "json" else TextFormatter()
 
 
