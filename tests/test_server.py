@@ -48,8 +48,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    # What a /health probe may meet while the server starts (anything else fails the start-up), and how often
-    # it probes.
+    # What a readiness probe may meet while the server starts (anything else fails the start-up), and how
+    # often it probes.  The port opens before the models are loaded: /health/ready answers 200 once they are.
     NOT_UP_YET = (requests.ConnectionError,)
     POLL_S = 0.2
 
@@ -72,7 +72,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                if requests.get(self.url + "/health/ready", timeout=5).status_code == 200:
                     return
             except self.NOT_UP_YET:
                 pass

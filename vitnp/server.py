@@ -376,11 +376,12 @@ class Server:
                 use_cache=(use_cache if use_cache is not None else parsed.use_cache) is not False,
                 wait_for_model=wait_for_model if wait_for_model is not None else parsed.wait_for_model,
                 deadline=deadline)
-        except ImageError as e:
-            if parsed is not None and parsed.not_json is not None:
-                e = HTTPError(400, f"request body is neither valid JSON ({parsed.not_json}) nor an image ({e})")
-            return error_for(e)
         except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error, never a traceback
+            if isinstance(e, ImageError) and parsed is not None and parsed.not_json is not None:
+                e = HTTPError(400, f"request body is neither valid JSON ({parsed.not_json}) nor an image ({e})")
+            served = self.service.registry.lookup(state["model"]) if state["model"] else None
+            if served is not None:
+                state["served_model"] = served.name
             return error_for(e)
         hits = sum(r.cache_hit for r in results)
         cache = "hit" if hits == len(results) else "miss" if hits == 0 else "partial"
