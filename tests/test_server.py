@@ -488,8 +488,9 @@ def test_internal_errors_are_generic_500_and_logged(caplog):
 
 
 def test_on_demand_model_503_then_wait_for_model(server, lib_vit, cats):
+    """An explicit x-wait-for-model: false gets the protocol's immediate 503; true (as no header) waits."""
     url = f"{server.url}/models/{ON_DEMAND_ID}"
-    r = post(url, data=cats)
+    r = post(url, data=cats, headers={"x-wait-for-model": "false"})
     body = assert_error(r, 503)
     assert body["error"] == f"Model {ON_DEMAND_ID} is currently loading"
     assert isinstance(body["estimated_time"], (int, float)) and body["estimated_time"] > 0

@@ -338,7 +338,6 @@ class Server:
     def __init__(self, service: InferenceService, token: str | None, options: ServingOptions):
         self.service = service
         self._token = token.encode() if token else None
-        self.options = options
         self.max_body_bytes = options.max_body_bytes
         self.body_timeout = options.body_timeout
         self.in_flight = 0
