@@ -53,7 +53,11 @@ class ServerProcess:
     NOT_UP_YET = (requests.ConnectionError,)
     POLL_S = 0.2
 
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, cwd: Path | None = None):
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, cwd: Path | None = None,
+                 up_path: str = "/health/ready"):
+        """up_path: the probe that must answer 200 before the server counts as started (/health/live: as soon
+        as the port is open, while the models may still be loading)."""
+        self.up_path = up_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -72,7 +76,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + "/health/ready", timeout=5).status_code == 200:
+                if requests.get(self.url + self.up_path, timeout=5).status_code == 200:
                     return
             except self.NOT_UP_YET:
                 pass
