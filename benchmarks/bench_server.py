@@ -1,4 +1,5 @@
-"""Server load test: throughput and latency of `vitnp serve` under N concurrent clients, against the engine.
+"""Server load test: throughput and latency of `vitnp serve` under N concurrent clients, against the engine; the
+cost of the HTTP layer's middleware; the server's memory while it refuses a huge image.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_server.py          # 3 rounds, ~5 min
     python benchmarks/bench_server.py --quick      # 1 round, 2 requests per client, writes server-quick.json
@@ -7,8 +8,9 @@ Model: --model DIR, default the random-initialised google/vit-base-patch16-224-s
 common.benchmark_checkpoint writes once with tests/checkpoints.py (ViT-B/16, 224 px, 1000 labels).
 
 All of it is bounded (fixed request counts) and stops by itself; the server listens on 127.0.0.1 only:
-1. loads the model in this process (the engine) and starts `python -m vitnp serve --model DIR` on a free
-   127.0.0.1 port (--max-batch-size 8, --max-wait-ms 5, the defaults). Engine calls run on one dedicated
+1. loads the model in this process (the engine) and starts `python -m vitnp serve --model DIR --log-format json`
+   on a free 127.0.0.1 port (--max-batch-size 8, --max-wait-ms 5, the defaults; metrics are always on, and
+   every request writes its JSON access line). Engine calls run on one dedicated
    thread, as in the server's engine worker (with Numba's OpenMP layer, parallel loops launched from the main
    thread were measured 2-3x slower on this machine, which would flatter the server).
 2. each round: times the engine's `clf.logits` on a ready batch of 8 preprocessed images (--engine-reps calls),
@@ -16,11 +18,20 @@ All of it is bounded (fixed request counts) and stops by itself; the server list
    each sending 1 unmeasured warm-up request then --requests-per-client raw-byte requests (image/jpeg,
    x-use-cache: false, so every request is decoded and runs through the engine). The machine is shared, so
    engine and server measurements alternate and see the same background load.
-3. prints a table (images/s: median over rounds; p50/p99 latency over every request), the target line, and
-   writes benchmarks/results/server.json (every run, the engine timings, the machine, and how many requests
-   each forward-pass batch size served, from the server's access log).
+3. middleware: in this process, the server's own application (vitnp.server.create_app over a service with the
+   model, JSON access lines written to a file, metrics, CORS for "*") and the same routes with no middleware
+   at all answer one batch-1 request each in turn (--middleware-reps pairs, driven straight through ASGI, so
+   nothing else differs); the request is a result-cache hit, so no forward pass adds its noise to the
+   difference.  The difference of the medians is what the middleware adds to every request.
+4. memory: the server's RSS when idle, then its peak (VmHWM, reset through /proc/PID/clear_refs, and sampled
+   every 2 ms) while it answers one PNG of 1 x 80,000,000 pixels (a few hundred KB: the decoder refuses
+   sides over 65,535 and images over its pixel limit from the header, before decoding), and its RSS after.
+5. prints a table (images/s: median over rounds; p50/p99 latency over every request), the target lines, and
+   writes benchmarks/results/server.json (every run, the engine timings, the machine, how many requests
+   each forward-pass batch size served, from the server's access log, the middleware timings and the memory).
 
-Target: with 8 concurrent clients the server reaches >= 0.9x the engine's batch-8 images/s.
+Targets: with 8 concurrent clients the server reaches >= 0.95x the engine's batch-8 images/s; the middleware
+adds <= 1 ms per request; the huge PNG takes the server <= 300 MB above its idle RSS.
 
 OpenBLAS overrides: like the other benchmarks, when OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set the script
 re-executes itself without them (the server inherits that environment); --no-reexec keeps them.
@@ -29,7 +40,10 @@ re-executes itself without them (the server inherits that environment); --no-ree
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
+import json
+import struct
 import signal
 import socket
 import statistics
@@ -38,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +60,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-TARGET_RATIO = 0.9
+TARGET_RATIO = 0.95
+TARGET_MIDDLEWARE_S = 0.001
+TARGET_PEAK_ABOVE_IDLE_MB = 300
+HUGE_PNG_SIZE = (1, 80_000_000)  # width, height
+RSS_SAMPLE_S = 0.002
 TARGET_CLIENTS = 8
 MAX_BATCH_SIZE = 8
 MAX_WAIT_MS = 5
@@ -103,7 +122,7 @@ def start_server(model: Path, port: int, backend: str, log_path: Path, extra: li
 
     cmd = [sys.executable, "-m", "vitnp", "serve", "--model", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--backend", backend, "--max-batch-size", str(MAX_BATCH_SIZE),
-           "--max-wait-ms", str(MAX_WAIT_MS), *extra]
+           "--max-wait-ms", str(MAX_WAIT_MS), "--log-format", "json", *extra]
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -111,7 +130,7 @@ def start_server(model: Path, port: int, backend: str, log_path: Path, extra: li
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
         try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+            if requests.get(f"http://127.0.0.1:{port}/health/ready", timeout=5).status_code == 200:
                 return proc
         except requests.ConnectionError:
             pass
@@ -179,13 +198,164 @@ def summarize_runs(clients: int, runs: list[dict], engine: dict) -> dict:
 
 
 def batch_histogram(log: str) -> dict:
-    """Requests answered per forward-pass batch size, from the server's access log ("-": not a forward)."""
+    """Requests answered per forward-pass batch size, from the server's JSON access log ("-": not a forward)."""
     counts: dict[str, int] = {}
     for line in log.splitlines():
-        if "vitnp.access" in line and " batch=" in line:
-            size = line.split(" batch=")[1].split()[0]
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("logger") == "vitnp.access" and entry.get("route") == "/":
+            size = "-" if entry.get("batch") is None else str(entry["batch"])
             counts[size] = counts.get(size, 0) + 1
     return dict(sorted(counts.items()))
+
+
+# --------------------------------------------------------------------------- middleware cost
+
+
+def asgi_request(app, scope: dict, body: bytes):
+    """One request straight through an ASGI application -> its status (no sockets, no HTTP parsing)."""
+    sent = False
+    status = []
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # never: the application reads the body once
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    async def run():
+        await app(dict(scope, state={}), receive, send)
+        return status[0]
+
+    return run()
+
+
+def middleware_cost(model: Path, image: bytes, backend: str, reps: int, log_path: Path) -> dict:
+    """Seconds per batch-1 request (a result-cache hit) through the server's application with and without its
+    middleware, alternating, in this process."""
+    import logging
+
+    from starlette.applications import Starlette
+
+    from vitnp import logs
+    from vitnp.batching import InferenceService
+    from vitnp.options import EngineOptions, ServingOptions
+    from vitnp.registry import ModelRegistry
+    from vitnp.server import create_app
+    from vitnp.startup import name_models
+
+    serving = ServingOptions(max_batch_size=MAX_BATCH_SIZE, max_wait_ms=MAX_WAIT_MS)
+    registry = ModelRegistry(serving, EngineOptions(backend=backend))
+    registry.add(registry.load(name_models([str(model)])[0]))
+    service = InferenceService(registry, serving)
+    full = create_app(service, None, serving, cors_allow_origins=("*",))
+    bare = Starlette(routes=full.routes)
+    logs.configure("info", "json")
+    root = logging.getLogger()
+    stream = open(log_path, "w")
+    root.handlers[0].setStream(stream)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/", "raw_path": b"/", "root_path": "", "query_string": b"", "client": ("127.0.0.1", 50000),
+             "server": ("127.0.0.1", 8000),
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"image/jpeg"), (b"origin", b"https://x.example"),
+                         (b"content-length", str(len(image)).encode())]}
+    times = {"with": [], "without": []}
+
+    async def measure():
+        for app in (full, bare):  # the first answer computes and caches the result
+            assert await asgi_request(app, scope, image) == 200
+        for _ in range(reps):
+            for name, app in (("with", full), ("without", bare)):
+                t0 = time.perf_counter()
+                status = await asgi_request(app, scope, image)
+                times[name].append(time.perf_counter() - t0)
+                assert status == 200, status
+
+    try:
+        asyncio.run(measure())
+    finally:
+        root.handlers[0].setStream(sys.stderr)
+        stream.close()
+        logging.getLogger().handlers.clear()
+        service.close()
+    access_lines = sum(1 for line in log_path.read_text().splitlines() if '"vitnp.access"' in line)
+    out = {"reps": reps, "access_lines_written": access_lines}
+    for name, t in times.items():
+        out[name] = {"median_s": statistics.median(t), "mean_s": statistics.fmean(t), "min_s": min(t)}
+    out["added_s"] = out["with"]["median_s"] - out["without"]["median_s"]
+    out["added_min_s"] = out["with"]["min_s"] - out["without"]["min_s"]
+    return out
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def tall_png(width: int, height: int) -> bytes:
+    """A black RGB PNG, compressed row by row (never held whole in this process)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + b"\x00" * (3 * width)
+    rows_per_piece = max(1, (4 << 20) // len(row))
+    z = zlib.compressobj(9)
+    parts = []
+    for start in range(0, height, rows_per_piece):
+        parts.append(z.compress(row * min(rows_per_piece, height - start)))
+    parts.append(z.flush())
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def proc_status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def huge_png_memory(url: str, pid: int) -> dict:
+    """The server's RSS idle, at its peak while answering one 1 x 80,000,000 PNG, and after."""
+    import requests
+
+    png = tall_png(*HUGE_PNG_SIZE)
+    idle_kb = proc_status_kb(pid, "VmRSS")
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
+    sampled = [idle_kb]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            sampled.append(proc_status_kb(pid, "VmRSS"))
+            time.sleep(RSS_SAMPLE_S)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    r = requests.post(url, data=png, headers={"Content-Type": "image/png", "x-use-cache": "false"},
+                      timeout=REQUEST_TIMEOUT_S)
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    time.sleep(1.0)
+    peak_kb = max(max(sampled), proc_status_kb(pid, "VmHWM") if hwm_reset else 0)
+    return {"png_bytes": len(png), "size": list(HUGE_PNG_SIZE), "status": r.status_code,
+            "answer": r.json().get("error") if r.status_code != 200 else "classified", "seconds": seconds,
+            "idle_rss_mb": idle_kb / 1024, "peak_rss_mb": peak_kb / 1024, "peak_above_idle_mb": (peak_kb - idle_kb) / 1024,
+            "rss_after_mb": proc_status_kb(pid, "VmRSS") / 1024, "vmhwm_reset": hwm_reset,
+            "samples": len(sampled)}
 
 
 def run(args) -> dict:
@@ -200,6 +370,7 @@ def run(args) -> dict:
         log_path = Path(tmp) / "server.log"
         port = free_port()
         proc = start_server(model, port, args.backend, log_path, args.server_arg)
+        memory = None
         try:
             for round_ in range(args.rounds):
                 t = engine.time(MAX_BATCH_SIZE, args.engine_reps)
@@ -211,9 +382,16 @@ def run(args) -> dict:
                     failed = f" ({r['failures']} failed)" if r["failures"] else ""
                     print(f"round {round_ + 1}: server, {n} clients: {r['images_per_s']:.2f} img/s{failed}",
                           flush=True)
+            memory = huge_png_memory(f"http://127.0.0.1:{port}/", proc.pid)
+            print(f"memory: idle {memory['idle_rss_mb']:.0f} MB, peak {memory['peak_rss_mb']:.0f} MB while answering "
+                  f"a {memory['png_bytes'] / 1024:.0f} KB PNG of {HUGE_PNG_SIZE[0]} x {HUGE_PNG_SIZE[1]:,} "
+                  f"({memory['status']} in {memory['seconds']:.2f} s)", flush=True)
         finally:
             stop_server(proc)
             server_log = log_path.read_text(errors="replace")
+        middleware = middleware_cost(model, image, args.backend, args.middleware_reps, Path(tmp) / "access.jsonl")
+    print(f"middleware: {middleware['added_s'] * 1e6:.0f} us added per request (median of {args.middleware_reps})",
+          flush=True)
     engine_summary = {f"batch{b}": engine.summary(b) for b in (1, MAX_BATCH_SIZE)}
     # Rounds of the server as wall seconds of a round, so max/min reads the same way as the engine calls'.
     noise = [common.noise_record(f"engine, batch {b}", engine.times[b]) for b in (1, MAX_BATCH_SIZE)]
@@ -238,9 +416,15 @@ def run(args) -> dict:
         "runs": {str(n): rs for n, rs in runs.items()},
         "server_batches": batch_histogram(server_log),
         "noise_warnings": [r for r in noise if r],
+        "middleware": middleware,
+        "memory": memory,
         "target": {"clients": TARGET_CLIENTS, "min_ratio_to_engine_batch8": TARGET_RATIO,
                    "ratio": target["ratio_to_engine_batch8"] if target else None,
                    "met": (target["ratio_to_engine_batch8"] >= TARGET_RATIO) if target else None},
+        "targets": {"middleware_max_s": TARGET_MIDDLEWARE_S,
+                    "middleware_met": middleware["added_s"] <= TARGET_MIDDLEWARE_S,
+                    "peak_above_idle_max_mb": TARGET_PEAK_ABOVE_IDLE_MB,
+                    "memory_met": memory["peak_above_idle_mb"] <= TARGET_PEAK_ABOVE_IDLE_MB if memory else None},
     }
 
 
@@ -266,6 +450,17 @@ def print_report(data: dict) -> None:
         print(f"\ntarget: {TARGET_CLIENTS} clients >= {TARGET_RATIO}x engine batch-{MAX_BATCH_SIZE} images/s: "
               f"{t['ratio']:.2f}x (best run vs fastest engine call: {best:.2f}x) -> "
               f"{'PASS' if t['met'] else 'FAIL'}")
+    m = data["middleware"]
+    print(f"target: middleware adds <= {TARGET_MIDDLEWARE_S * 1e3:g} ms per request: "
+          f"{m['added_s'] * 1e3:.3f} ms (median {m['with']['median_s'] * 1e3:.3f} ms with, "
+          f"{m['without']['median_s'] * 1e3:.3f} ms without, {m['reps']} each) -> "
+          f"{'PASS' if data['targets']['middleware_met'] else 'FAIL'}")
+    mem = data["memory"]
+    if mem:
+        print(f"target: a {HUGE_PNG_SIZE[0]} x {HUGE_PNG_SIZE[1]:,} PNG takes the server <= {TARGET_PEAK_ABOVE_IDLE_MB} MB "
+              f"above idle: {mem['peak_above_idle_mb']:.1f} MB (idle {mem['idle_rss_mb']:.0f} MB, after "
+              f"{mem['rss_after_mb']:.0f} MB; answered {mem['status']} in {mem['seconds']:.2f} s: {mem['answer']}) -> "
+              f"{'PASS' if data['targets']['memory_met'] else 'FAIL'}")
 
 
 def parse_args(argv=None):
@@ -279,6 +474,8 @@ def parse_args(argv=None):
     p.add_argument("--requests-per-client", type=int, help="measured requests per client and run (default 8)")
     p.add_argument("--rounds", type=int, help="rounds of engine + server measurements (default 3)")
     p.add_argument("--engine-reps", type=int, default=2, help="engine calls per round (default 2)")
+    p.add_argument("--middleware-reps", type=int,
+                   help="requests with and without the middleware, each (default 2000; 50 with --quick)")
     p.add_argument("--backend", choices=["auto", "numba", "blas"], default="auto")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra `vitnp serve` argument, e.g. --server-arg=--threads=2 (repeatable)")
@@ -292,8 +489,10 @@ def parse_args(argv=None):
         args.rounds = 1 if args.quick else 3
     if args.requests_per_client is None:
         args.requests_per_client = 2 if args.quick else 8
-    if min(args.rounds, args.requests_per_client, args.engine_reps) < 1:
-        p.error("--rounds, --requests-per-client and --engine-reps must be >= 1")
+    if args.middleware_reps is None:
+        args.middleware_reps = 50 if args.quick else 2000
+    if min(args.rounds, args.requests_per_client, args.engine_reps, args.middleware_reps) < 1:
+        p.error("--rounds, --requests-per-client, --engine-reps and --middleware-reps must be >= 1")
     return args
 
 

@@ -48,12 +48,16 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    # What a /health probe may meet while the server starts (anything else fails the start-up), and how often
-    # it probes.
+    # What a readiness probe may meet while the server starts (anything else fails the start-up), and how
+    # often it probes.  The port opens before the models are loaded: /health/ready answers 200 once they are.
     NOT_UP_YET = (requests.ConnectionError,)
     POLL_S = 0.2
 
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, cwd: Path | None = None):
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, cwd: Path | None = None,
+                 up_path: str = "/health/ready"):
+        """up_path: the probe that must answer 200 before the server counts as started (/health/live: as soon
+        as the port is open, while the models may still be loading)."""
+        self.up_path = up_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -72,7 +76,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + "/health", timeout=5).status_code == 200:
+                if requests.get(self.url + self.up_path, timeout=5).status_code == 200:
                     return
             except self.NOT_UP_YET:
                 pass
@@ -488,8 +492,9 @@ def test_internal_errors_are_generic_500_and_logged(caplog):
 
 
 def test_on_demand_model_503_then_wait_for_model(server, lib_vit, cats):
+    """An explicit x-wait-for-model: false gets the protocol's immediate 503; true (as no header) waits."""
     url = f"{server.url}/models/{ON_DEMAND_ID}"
-    r = post(url, data=cats)
+    r = post(url, data=cats, headers={"x-wait-for-model": "false"})
     body = assert_error(r, 503)
     assert body["error"] == f"Model {ON_DEMAND_ID} is currently loading"
     assert isinstance(body["estimated_time"], (int, float)) and body["estimated_time"] > 0

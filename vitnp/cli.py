@@ -19,6 +19,7 @@ from .postprocess import FUNCTIONS
 from .options import (
     BACKENDS,
     DEFAULT_MODEL,
+    LOG_FORMATS,
     LOG_LEVELS,
     PRECISIONS,
     ClassifyOptions,
@@ -162,6 +163,17 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--graceful-timeout", type=positive_float, default=d["graceful_timeout"],
                    help=f"on SIGTERM/Ctrl-C, seconds to let in-flight requests finish "
                         f"(default {d['graceful_timeout']:g})")
+    p.add_argument("--load-timeout", type=non_negative_float, default=d["load_timeout"],
+                   help=f"seconds a request waits for a model that is loading before it gets 503 + estimated_time "
+                        f"(default {d['load_timeout']:g}; 'x-wait-for-model: false' never waits)")
+    p.add_argument("--request-timeout", type=positive_float, default=d["request_timeout"],
+                   help="seconds a request may wait in the queue; one still queued then is dropped and answered "
+                        "503 (default: no deadline)")
+    p.add_argument("--failure-memory", type=non_negative_float, default=d["failure_memory"],
+                   help=f"seconds a failed on-demand model lookup or load is answered from memory instead of "
+                        f"retried (default {d['failure_memory']:g})")
+    p.add_argument("--hub-timeout", type=positive_float, default=d["hub_timeout"],
+                   help=f"seconds a Hub lookup of an on-demand model may take (default {d['hub_timeout']:g})")
     r = p.add_argument_group("Ray Serve (pip install 'vitnp[ray]')")
     r.add_argument("--ray", action="store_true",
                    help="serve with Ray Serve (same protocol): a local Ray cluster, or the one at --ray-address")
@@ -173,6 +185,19 @@ def add_serve_parser(sub) -> None:
                    help="with --ray: autoscale between MIN and MAX replicas on ongoing requests")
     p.add_argument("--log-level", default=server["log_level"], choices=LOG_LEVELS,
                    help=f"log level (default {server['log_level']}; the access log is logger vitnp.access at info)")
+    p.add_argument("--log-format", default=server["log_format"], choices=LOG_FORMATS,
+                   help=f"log lines as text or one JSON object per line (default {server['log_format']})")
+    p.add_argument("--cors-allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let browser pages from ORIGIN (scheme://host[:port], or * for any) call the server; "
+                        "repeatable (default: no CORS headers)")
+    p.add_argument("--keep-alive-timeout", type=positive_float, default=server["keep_alive_timeout"],
+                   help=f"seconds an idle keep-alive connection stays open (default {server['keep_alive_timeout']:g})")
+    p.add_argument("--header-timeout", type=positive_float, default=server["header_timeout"],
+                   help=f"seconds a connection has to send a whole request head before it is closed "
+                        f"(default {server['header_timeout']:g})")
+    p.add_argument("--max-connections", type=positive_int, default=server["max_connections"],
+                   help=f"open connections (or requests in progress) past which new requests get 503 "
+                        f"(default {server['max_connections']})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,13 +237,18 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_body_mb=args.max_body_mb, body_timeout=args.body_timeout, cache_size=args.cache_size,
         decode_threads=args.decode_threads, max_image_pixels=args.max_image_pixels,
-        graceful_timeout=args.graceful_timeout)
+        graceful_timeout=args.graceful_timeout,
+        load_timeout=args.load_timeout, request_timeout=args.request_timeout, failure_memory=args.failure_memory,
+        hub_timeout=args.hub_timeout)
     return ServerOptions(
         models=tuple(args.model), load_on_demand=args.load_on_demand, revision=args.revision, host=args.host,
         port=args.port, token=token, log_level=args.log_level,
         engine=EngineOptions(args.backend, args.precision, args.threads), serving=serving,
         ray=RayOptions(address=args.ray_address, replicas=args.replicas, autoscale=args.autoscale)
-        if args.ray else None)
+        if args.ray else None,
+        log_format=args.log_format, cors_allow_origins=tuple(args.cors_allow_origin),
+        keep_alive_timeout=args.keep_alive_timeout, header_timeout=args.header_timeout,
+        max_connections=args.max_connections)
 
 
 def resolve_token(token_env: str | None) -> str | None:
@@ -293,8 +323,9 @@ def skip_numba_scipy_probe() -> None:
 
 def run(command: ClassifyOptions | ServerOptions) -> int:
     if isinstance(command, ServerOptions):
-        logging.basicConfig(level=getattr(logging, command.log_level.upper()),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from .logs import configure
+
+        configure(command.log_level, command.log_format)
         if command.ray is not None:
             from .ray import run_serve
 

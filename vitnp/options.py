@@ -22,6 +22,7 @@ PRECISIONS = ("fp32", "bf16", "int8")
 ISAS = ("auto", "avx512", "avx2", "generic")
 DEFAULT_MODEL = "google/vit-base-patch16-224"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 # The GEMM backend decides only float32 layers; under int8 every projection is an int8 GEMM.
 FLOAT32_LAYERS = {"fp32": "all", "bf16": "heads", "int8": "none"}
 
@@ -109,6 +110,10 @@ class ServingOptions:
     max_image_pixels: int | None = None  # largest width x height accepted (None: the decoder's default)
     graceful_timeout: float = 30.0   # on SIGTERM / Ctrl-C, seconds in-flight requests get to finish
     warmup: bool = True              # compile and touch every batch size's buffers before serving
+    load_timeout: float = 60.0       # seconds a request waits for a model that is loading (then 503)
+    request_timeout: float | None = None  # seconds a request may stay queued before it is dropped (503)
+    failure_memory: float = 60.0     # seconds a failed model lookup / load is answered from memory
+    hub_timeout: float = 10.0        # seconds a Hub lookup of an on-demand model may take
 
     def __post_init__(self):
         _positive_int("max_batch_size", self.max_batch_size)
@@ -120,6 +125,10 @@ class ServingOptions:
         _positive_int("decode_threads", self.decode_threads)
         _positive_int("max_image_pixels", self.max_image_pixels, allow_none=True)
         _number("graceful_timeout", self.graceful_timeout, positive=True)
+        _number("load_timeout", self.load_timeout, positive=False)
+        _number("request_timeout", self.request_timeout, positive=True, allow_none=True)
+        _number("failure_memory", self.failure_memory, positive=False)
+        _number("hub_timeout", self.hub_timeout, positive=True)
 
     @property
     def max_wait_s(self) -> float:
@@ -190,9 +199,31 @@ class ServerOptions:
     engine: EngineOptions = field(default_factory=EngineOptions)
     serving: ServingOptions = field(default_factory=ServingOptions)
     ray: RayOptions | None = None            # serve with Ray Serve
+    log_format: str = "text"                 # "text", or "json": one JSON object per line
+    cors_allow_origins: tuple[str, ...] = ()  # origins browser pages may call from ("*": any; none: no CORS)
+    keep_alive_timeout: float = 5.0          # seconds an idle keep-alive connection stays open
+    header_timeout: float = 10.0             # seconds a connection has to send a whole request head
+    max_connections: int | None = 1000       # open connections (or requests) past which new requests get 503
 
     def __post_init__(self):
         _choice("log_level", self.log_level, LOG_LEVELS)
+        _choice("log_format", self.log_format, LOG_FORMATS)
+        for origin in self.cors_allow_origins:
+            _origin(origin)
+        _number("keep_alive_timeout", self.keep_alive_timeout, positive=True)
+        _number("header_timeout", self.header_timeout, positive=True)
+        _positive_int("max_connections", self.max_connections, allow_none=True)
+
+
+def _origin(value):
+    """A CORS origin as browsers send it: "*", or scheme://host[:port] with no path."""
+    if value == "*":
+        return value
+    scheme, sep, rest = value.partition("://") if isinstance(value, str) else ("", "", "")
+    if scheme not in ("http", "https") or not sep or not rest or "/" in rest or value != value.strip():
+        raise ParameterError(f"cors_allow_origins: {value!r} is not an origin: write * or scheme://host[:port], "
+                             "e.g. https://app.example.com (no path, no trailing slash)")
+    return value
 
 
 def defaults(options_class) -> dict:
