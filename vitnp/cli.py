@@ -162,6 +162,17 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--graceful-timeout", type=positive_float, default=d["graceful_timeout"],
                    help=f"on SIGTERM/Ctrl-C, seconds to let in-flight requests finish "
                         f"(default {d['graceful_timeout']:g})")
+    p.add_argument("--load-timeout", type=non_negative_float, default=d["load_timeout"],
+                   help=f"seconds a request waits for a model that is loading before it gets 503 + estimated_time "
+                        f"(default {d['load_timeout']:g}; 'x-wait-for-model: false' never waits)")
+    p.add_argument("--request-timeout", type=positive_float, default=d["request_timeout"],
+                   help="seconds a request may wait in the queue; one still queued then is dropped and answered "
+                        "503 (default: no deadline)")
+    p.add_argument("--failure-memory", type=non_negative_float, default=d["failure_memory"],
+                   help=f"seconds a failed on-demand model lookup or load is answered from memory instead of "
+                        f"retried (default {d['failure_memory']:g})")
+    p.add_argument("--hub-timeout", type=positive_float, default=d["hub_timeout"],
+                   help=f"seconds a Hub lookup of an on-demand model may take (default {d['hub_timeout']:g})")
     r = p.add_argument_group("Ray Serve (pip install 'vitnp[ray]')")
     r.add_argument("--ray", action="store_true",
                    help="serve with Ray Serve (same protocol): a local Ray cluster, or the one at --ray-address")
@@ -212,7 +223,9 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_body_mb=args.max_body_mb, body_timeout=args.body_timeout, cache_size=args.cache_size,
         decode_threads=args.decode_threads, max_image_pixels=args.max_image_pixels,
-        graceful_timeout=args.graceful_timeout)
+        graceful_timeout=args.graceful_timeout,
+        load_timeout=args.load_timeout, request_timeout=args.request_timeout, failure_memory=args.failure_memory,
+        hub_timeout=args.hub_timeout)
     return ServerOptions(
         models=tuple(args.model), load_on_demand=args.load_on_demand, revision=args.revision, host=args.host,
         port=args.port, token=token, log_level=args.log_level,

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelNotFoundError, OfflineError
+from .errors import HubUnreachableError, ModelNotCachedError, ModelNotFoundError, OfflineError
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
@@ -102,27 +102,56 @@ def check_url_name(name: str) -> None:
         raise ModelNotFoundError(f"Model {name} does not exist (not a valid Hugging Face Hub model id)")
 
 
-def check_url_model_exists(name: str, revision: str | None = None) -> None:
-    """Raise ModelNotFoundError unless a URL's model name is a bundled model or a Hub repo with a config.json
-    (in the cache, or on the Hub): checked before a server promises to load it."""
+def lookup_url_model(name: str, revision: str | None = None, timeout: float = 10.0) -> bool:
+    """Where a URL's model name can be loaded from: True from the local cache (a bundled model, or a Hub repo
+    whose config.json huggingface_hub's cache holds), False from the Hub (one HEAD request of at most
+    `timeout` seconds, no retries).  Raises, each with its own message:
+      ModelNotFoundError   no such bundled model / Hub repository / revision, a gated repo, or no config.json
+      ModelNotCachedError  huggingface_hub is in offline mode (HF_HUB_OFFLINE) and the cache lacks the model
+      HubUnreachableError  the Hub did not answer (no network, DNS, timeout, a 5xx)
+    """
     if name.startswith(BUNDLED_PREFIX):
         if name not in bundled_models():
-            raise ModelNotFoundError(f"Model {name} does not exist")
-        return
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+            raise ModelNotFoundError(f"Model {name} does not exist; bundled models: "
+                                     f"{', '.join(bundled_models()) or 'none'}")
+        return True
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return True
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotCachedError(f"Model {name} is not in this server's Hugging Face cache, and the server runs "
+                                  "offline (HF_HUB_OFFLINE), so it cannot fetch it")
     try:
-        hf_hub_download(name, "config.json", revision=revision)
+        get_hf_file_metadata(hf_hub_url(name, "config.json", revision=revision), timeout=timeout)
+    except GatedRepoError:
+        raise ModelNotFoundError(f"Model {name} is gated on the Hugging Face Hub; this server cannot load it") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"Model {name} does not exist on the Hugging Face Hub") from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"Model {name} has no revision {revision!r} on the Hugging Face Hub") from None
     except EntryNotFoundError:
-        raise ModelNotFoundError(f"Model {name} has no config.json, so it is not a model this server "
-                                 "can load") from None
-    except LocalEntryNotFoundError:
-        raise ModelNotFoundError(f"Model {name} is not in this server's Hugging Face cache and the Hub is "
-                                 "unreachable") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        log.info("existence check for %s failed: %s", name, e)
-        raise ModelNotFoundError(f"Model {name} does not exist") from None
+        raise ModelNotFoundError(f"Model {name} has no config.json, so it is not a model this server can "
+                                 "load") from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status is not None and status < 500:
+            log.info("Hub lookup of %s failed: %s", name, e)
+            raise ModelNotFoundError(f"Model {name} does not exist on the Hugging Face Hub") from None
+        raise HubUnreachableError(f"Model {name} is not in this server's cache and the Hugging Face Hub did not "
+                                  f"answer its lookup (HTTP {status})") from None
+    except Exception as e:  # noqa: BLE001 - the HTTP client's connection errors and timeouts, whatever its kind
+        log.info("Hub lookup of %s failed: %s", name, e)
+        raise HubUnreachableError(f"Model {name} is not in this server's cache and the Hugging Face Hub could "
+                                  f"not be reached within {timeout:g} seconds ({type(e).__name__})") from None
+    return False
 
 
 def url_revision(name: str, revision: str | None) -> str | None:

@@ -109,6 +109,10 @@ class ServingOptions:
     max_image_pixels: int | None = None  # largest width x height accepted (None: the decoder's default)
     graceful_timeout: float = 30.0   # on SIGTERM / Ctrl-C, seconds in-flight requests get to finish
     warmup: bool = True              # compile and touch every batch size's buffers before serving
+    load_timeout: float = 60.0       # seconds a request waits for a model that is loading (then 503)
+    request_timeout: float | None = None  # seconds a request may stay queued before it is dropped (503)
+    failure_memory: float = 60.0     # seconds a failed model lookup / load is answered from memory
+    hub_timeout: float = 10.0        # seconds a Hub lookup of an on-demand model may take
 
     def __post_init__(self):
         _positive_int("max_batch_size", self.max_batch_size)
@@ -120,6 +124,10 @@ class ServingOptions:
         _positive_int("decode_threads", self.decode_threads)
         _positive_int("max_image_pixels", self.max_image_pixels, allow_none=True)
         _number("graceful_timeout", self.graceful_timeout, positive=True)
+        _number("load_timeout", self.load_timeout, positive=False)
+        _number("request_timeout", self.request_timeout, positive=True, allow_none=True)
+        _number("failure_memory", self.failure_memory, positive=False)
+        _number("hub_timeout", self.hub_timeout, positive=True)
 
     @property
     def max_wait_s(self) -> float:

@@ -461,7 +461,7 @@ def run_classify(job: ClassifyOptions) -> int:
 def _serve_batch_worker_class():
     from ray import serve
 
-    from .batching import ModelWorker
+    from .batching import ModelWorker, deadline_error
 
     class ServeBatchWorker(ModelWorker):
         """A ModelWorker whose forward passes are batched by Ray Serve (@serve.batch) inside the replica."""
@@ -474,14 +474,25 @@ def _serve_batch_worker_class():
             self._batched.set_batch_wait_timeout_s(options.max_wait_s)
 
         def submit(self, job):
-            return asyncio.ensure_future(self._batched(job))
+            return asyncio.ensure_future(self._answer(job))
+
+        async def _answer(self, job):
+            result = await self._batched(job)
+            if isinstance(result, BaseException):
+                raise result
+            return result
 
         @serve.batch  # sizes and wait set per worker in __init__, from its ServingOptions
         async def _batched(self, jobs: list) -> list:
-            n = len(jobs)
-            self.leave_queue(n)
-            predictions = await asyncio.get_running_loop().run_in_executor(self._engine, self.forward, jobs)
-            return [(p, n) for p in predictions]
+            """(predictions, batch size) per job; a job past its deadline gets DeadlineExceededError, one its
+            request gave up on gets None (nobody reads it)."""
+            states = self.take(jobs)
+            running = [job for job, state in zip(jobs, states) if state == "run"]
+            n = len(running)
+            predictions = iter(await asyncio.get_running_loop().run_in_executor(self._engine, self.forward, running)
+                               if running else [])
+            return [(next(predictions), n) if state == "run" else
+                    deadline_error(self.name) if state == "expired" else None for state in states]
 
         def close(self, timeout=None):
             self._engine.shutdown(wait=True)
@@ -508,21 +519,29 @@ def _deployment_class():
         def __init__(self, models: list[ReplicaModel], options: ServingOptions, token: str | None,
                      threads: int | None):
             from .batching import InferenceService
+            from .metrics import RayMetrics
             from .registry import ModelRegistry
             from .startup import limit_image_pixels, start_worker
 
             logging.basicConfig(level=logging.INFO)
             limit_image_pixels(options)
             threads = threads or _assigned_cpus()
-            registry = ModelRegistry(options)
+            registry = ModelRegistry(options, models[0].shared.engine.with_threads(threads))
             for model in models:
                 # A class per model: @serve.batch keeps one queue per decorated function.
                 worker_class = _serve_batch_worker_class()
                 registry.add(start_worker(worker_class, model.name, model.aliases, model.shared.load(threads),
                                           options))
-            self.service = InferenceService(registry, options)
+            self.service = InferenceService(registry, options, RayMetrics())
             self.options = options
             self.token = token
+
+        def check_health(self):
+            """Ray Serve's health check of the replica: the service's readiness (every model served, every
+            engine answering); a replica that fails it is restarted."""
+            ready, reason = self.service.readiness()
+            if not ready:
+                raise RuntimeError(f"vitnp replica not ready: {reason}")
 
         def __serve_build_asgi_app__(self):
             from .server import create_app
