@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextvars
 import hashlib
 import logging
 import queue
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DeadlineExceededError, ImageError, ParameterError, QueueFullError
+from .logs import run_with_context
 from .metrics import Metrics
 from .options import ServingOptions
 from .postprocess import validate_parameters
@@ -384,7 +384,7 @@ class InferenceService:
         top_k, function_to_apply = validate_parameters(top_k, function_to_apply, worker.num_labels)
         loop = asyncio.get_running_loop()
         if sum(map(len, images)) > HASH_OFF_LOOP_BYTES:
-            digests = await loop.run_in_executor(self._decode_pool, contextvars.copy_context().run, _digests, images)
+            digests = await loop.run_in_executor(self._decode_pool, run_with_context(_digests, images))
         else:
             digests = _digests(images)
         keys = [(worker.cache_identity, digest, top_k, function_to_apply) for digest in digests]
@@ -412,7 +412,7 @@ class InferenceService:
         worker.admit(n)
         admitted = time.monotonic()
         decoded = await asyncio.gather(*[
-            loop.run_in_executor(self._decode_pool, contextvars.copy_context().run, worker.decode, image)
+            loop.run_in_executor(self._decode_pool, run_with_context(worker.decode, image))
             for image in images], return_exceptions=True)
         for i, result in enumerate(decoded):
             if isinstance(result, BaseException):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextvars
 import logging
 import time
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from .errors import (
     QueueFullError,
     VitnpError,
 )
-from .hub import check_not_a_path, check_url_name, lookup_url_model
+from .hub import check_not_a_path, check_url_name, lookup_url_model, url_revision
+from .logs import run_with_context
 from .metrics import Metrics
 from .options import EngineOptions, ServingOptions
 from .startup import NamedModel, load_classifier, start_worker
@@ -122,8 +122,7 @@ class ModelRegistry:
             for model in models:
                 loading = self.loading[model.name]
                 try:
-                    worker = await loop.run_in_executor(self._load_pool, contextvars.copy_context().run,
-                                                        self.load, model)
+                    worker = await loop.run_in_executor(self._load_pool, run_with_context(self.load, model))
                 except BaseException as e:
                     for other in models:
                         pending = self.loading.pop(other.name, None)
@@ -299,9 +298,8 @@ class OnDemandLoader:
         loop = asyncio.get_running_loop()
         try:
             try:
-                return await asyncio.wait_for(loop.run_in_executor(
-                    self._lookup_pool, contextvars.copy_context().run, lookup_url_model, name,
-                    self.registry.revision if not name.startswith("bundled:") else None, serving.hub_timeout),
+                return await asyncio.wait_for(loop.run_in_executor(self._lookup_pool, run_with_context(
+                    lookup_url_model, name, url_revision(name, self.registry.revision), serving.hub_timeout)),
                     serving.hub_timeout + 1.0)
             except asyncio.TimeoutError:
                 raise HubUnreachableError(f"Model {name} could not be looked up on the Hugging Face Hub within "
@@ -325,7 +323,7 @@ class OnDemandLoader:
             return registry.load(NamedModel(name, (), name), **kwargs)
 
         try:
-            worker = await loop.run_in_executor(registry._load_pool, contextvars.copy_context().run, load)
+            worker = await loop.run_in_executor(registry._load_pool, run_with_context(load))
         except Exception as e:  # noqa: BLE001 - reported to the waiting requests, remembered, logged
             error = load_failure(name, e)
             self.remember(name, error)
