@@ -11,6 +11,7 @@ Answers are compared with the library on the same checkpoint (backend numba: bat
 from __future__ import annotations
 
 import asyncio
+import json
 import http.server
 import shutil
 import threading
@@ -67,6 +68,11 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
 
     def do_HEAD(self):
         parts = self.path.strip("/").split("/")
+        if parts[2:3] != ["resolve"]:  # not a file lookup (huggingface_hub's other calls)
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         repo = "/".join(parts[:2])
         self.server.lookups[repo] += 1
         if parts[0] == "slow":
@@ -356,3 +362,70 @@ def test_request_metrics_by_route_template_and_status():
                  if s.labels.get("model") == "m" and s.labels.get("le") in (None, "+Inf")}
     assert durations["vitnp_request_duration_seconds_count"] == 2
     assert abs(durations["vitnp_request_duration_seconds_sum"] - 0.03) < 1e-9
+
+
+# --------------------------------------------------------------------------- a real server: no stall
+
+
+def test_unknown_model_lookups_never_delay_a_ready_model(tmp_path, tiny_vit, lib_vit):
+    """8 requests for unknown models whose Hub lookups hang, and meanwhile a 1.5 MB JSON request for a model
+    that is ready: it is answered while every lookup is still hanging. Then the lookups end (no such
+    repository: 404), and a second request for one of them is answered from memory, with no new lookup."""
+    import base64
+    import concurrent.futures
+    import io
+
+    import numpy as np
+    import requests
+    from PIL import Image
+
+    from test_server import ServerProcess
+
+    hub = FakeHub()
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    pixels = np.random.default_rng(0).integers(0, 256, (620, 620, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    image = buf.getvalue()
+    body = json.dumps({"inputs": base64.b64encode(image).decode()}).encode()
+    assert len(body) > 1_500_000
+    proc = ServerProcess(["--model", f"ready-org/tiny-vit={tiny_vit}", "--load-on-demand", "--max-body-mb", "4",
+                          "--hub-timeout", "30"], tmp_path / "server.log",
+                         env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub"),
+                              "VITNP_API_TOKEN": ""})
+    unknown = [f"slow/unknown-{i}" for i in range(8)]
+    ready_url = f"{proc.url}/models/ready-org/tiny-vit"
+    json_no_cache = {"Content-Type": "application/json", "x-use-cache": "false"}
+    try:
+        t0 = time.perf_counter()
+        assert requests.post(ready_url, data=body, timeout=120, headers=json_no_cache).status_code == 200
+        alone_seconds = time.perf_counter() - t0
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            pending = [pool.submit(requests.post, f"{proc.url}/models/{name}", data=image, timeout=120)
+                       for name in unknown]
+            for _ in range(300):  # until the lookup pool is busy with hanging lookups
+                if sum(hub.lookups.values()) >= 4:
+                    break
+                time.sleep(0.1)
+            assert sum(hub.lookups.values()) >= 4, hub.lookups
+            t0 = time.perf_counter()
+            ready = requests.post(ready_url, data=body, timeout=120, headers=json_no_cache)
+            ready_seconds = time.perf_counter() - t0
+            assert not any(f.done() for f in pending), "the unknown-model lookups were still hanging"
+            hub.release.set()
+            answers = [f.result() for f in pending]
+        assert ready.status_code == 200, ready.text
+        assert ready.json() == lib_vit.classify(image)
+        assert [a.status_code for a in answers] == [404] * 8
+        assert all("does not exist on the Hugging Face Hub" in a.json()["error"] for a in answers)
+        assert sorted(hub.lookups) == sorted(unknown) and set(hub.lookups.values()) == {1}
+        t0 = time.perf_counter()
+        again = requests.post(f"{proc.url}/models/{unknown[0]}", data=image, timeout=120)
+        again_seconds = time.perf_counter() - t0
+        assert again.status_code == 404 and hub.lookups[unknown[0]] == 1
+        print(f"1.5 MB JSON request alone: {alone_seconds:.3f}s, during 8 hanging lookups: {ready_seconds:.3f}s; "
+              f"unknown model answered again from memory: {again_seconds:.3f}s")
+    finally:
+        proc.stop()
+        hub.release.set()
+        hub.shutdown()
