@@ -41,6 +41,8 @@ LOOKUP_THREADS = 4
 LOAD_THREADS = 1
 # Distinct on-demand names being looked up or loaded at once; past it, 429.
 MAX_PENDING_MODELS = 32
+# Failures remembered at once (the oldest is forgotten first): random names cannot grow memory without bound.
+MAX_REMEMBERED_FAILURES = 4096
 
 
 @dataclass
@@ -257,6 +259,9 @@ class OnDemandLoader:
         return None
 
     def remember(self, name: str, error: BaseException) -> None:
+        self._failed.pop(name, None)
+        while len(self._failed) >= MAX_REMEMBERED_FAILURES:
+            del self._failed[next(iter(self._failed))]
         self._failed[name] = (time.monotonic(), error)
 
     async def start(self, name: str) -> Loading | ModelWorker:
