@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DeadlineExceededError, ImageError, ParameterError, QueueFullError
-from .logs import run_with_context
+from .logs import REQUEST_ID, run_with_context
 from .metrics import Metrics
 from .options import ServingOptions
 from .postprocess import validate_parameters
@@ -68,7 +68,7 @@ class Job:
     request at the deadline (`give_up`, True when the job had not started: the request withdraws it).
     """
 
-    __slots__ = ("pixels", "top_k", "function_to_apply", "deadline", "admitted", "_state", "_lock")
+    __slots__ = ("pixels", "top_k", "function_to_apply", "deadline", "admitted", "request_id", "_state", "_lock")
 
     def __init__(self, pixels: np.ndarray, top_k: int, function_to_apply: str | None, deadline: float | None = None,
                  admitted: float | None = None):
@@ -77,6 +77,7 @@ class Job:
         self.function_to_apply = function_to_apply
         self.deadline = deadline  # time.monotonic() value, or None
         self.admitted = time.monotonic() if admitted is None else admitted
+        self.request_id = REQUEST_ID.get()  # of the request that made it (for the engine thread's log lines)
         self._state = "queued"
         self._lock = threading.Lock()
 
@@ -311,7 +312,8 @@ class EngineWorker(ModelWorker):
         try:
             predictions = self.forward([job for job, _ in batch])
         except BaseException as e:  # noqa: BLE001 - every waiting request must hear about it
-            log.exception("forward pass failed for model %s (batch of %d)", self.name, n)
+            log.exception("forward pass failed for model %s (batch of %d; requests %s)", self.name, n,
+                          ", ".join(str(job.request_id) for job, _ in batch))
             for _, future in batch:
                 future.set_exception(e)
             return
