@@ -1,15 +1,17 @@
 """Dynamic batching between the HTTP layer and the engine: one worker per model, and a bounded LRU cache of
 results (the models by name: vitnp.registry).
 
-This layer never sees HTTP: it takes image bytes plus raw parameter values and returns plain lists of
-{"label", "score"} dicts, or raises vitnp errors (ImageError, ParameterError, ModelNotFoundError,
-QueueFullError, ModelLoadingError, ...) for the HTTP layer to map to statuses.
+This layer never sees HTTP: it takes a request's images (bytes) plus raw parameter values and returns plain
+lists of {"label", "score"} dicts, or raises vitnp errors (ImageError, ParameterError, ModelNotFoundError,
+QueueFullError, ModelLoadingError, DeadlineExceededError, ...; vitnp.errors says which status each is) for the
+HTTP layer to map to statuses. It records the metrics (vitnp.metrics) of everything below HTTP.
 
-Per request: look up the model in the registry (loading it on demand if allowed), validate the parameters,
-consult the result cache, take a queue slot, decode + preprocess the image on a thread pool (so one bad image fails
-only its own request), then hand the pixel values to the model's engine worker. The worker thread groups
-queued requests into one forward pass (up to max_batch_size, waiting at most max_wait for the batch to
-fill), and resolves each request's future with its own postprocessed result.
+Per request: look up the model in the registry (waiting for it while it loads), validate the parameters,
+consult the result cache per image, admit the missing images against the queue limit together, decode +
+preprocess them on a thread pool (so one bad image fails only its own request), then hand the pixel values to
+the model's engine worker as one job per image. The worker thread groups queued jobs into one forward pass
+(up to max_batch_size, waiting at most max_wait for the batch to fill), drops the jobs whose deadline has
+passed, and resolves each job's future with its own postprocessed result.
 """
 
 from __future__ import annotations
