@@ -378,9 +378,6 @@ class InferenceService:
         (DeadlineExceededError). The images are admitted against the queue limit together (QueueFullError if
         they do not all fit); each is one image of a batch. Raises vitnp errors (ImageError, ParameterError,
         ModelNotFoundError, QueueFullError, ModelLoadingError, DeadlineExceededError, ...)."""
-        if isinstance(images, (bytes, bytearray)):  # the single-image call of the HTTP layer before issue 17
-            return (await self.classify(model, [bytes(images)], top_k, function_to_apply, use_cache,
-                                        wait_for_model, deadline))[0]
         if not images:
             raise ParameterError("the request holds no image")
         worker = await self.registry.get(model, wait_for_model, deadline)
