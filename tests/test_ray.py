@@ -409,6 +409,42 @@ def test_serve_errors_are_those_of_vitnp_serve(servers, image_dir):
     assert [m["model_id"] for m in models] == [MODEL]
 
 
+def test_serve_lists_probes_info_metrics_under_ray(servers, lib, image_dir):
+    """Issue 17's features through Ray Serve: list inputs and query-string top_k answer as plain `vitnp serve`
+    and the library, request ids come back, the readiness probe is the replica's, /info is what
+    InferenceClient.get_endpoint_info reads, and a replica's /metrics counts what it computed."""
+    from huggingface_hub import InferenceClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    plain, on_ray = servers
+    paths = sorted(image_dir.glob("digit-[0-9]-*.png"))[:3]
+    body = {"inputs": [b64(p.read_bytes()) for p in paths]}
+    expected = [lib.classify(p, top_k=2) for p in paths]
+    for server in (plain, on_ray):
+        r = requests.post(server.url + "/?top_k=2", json=body, timeout=120,
+                          headers={"x-use-cache": "false", "x-request-id": "ray-parity-1"})
+        assert r.status_code == 200 and r.json() == expected, r.text
+        assert r.headers["x-request-id"] == "ray-parity-1"
+    generated = requests.post(on_ray.url + "/", data=paths[0].read_bytes(), timeout=120).headers["x-request-id"]
+    assert generated and "," not in generated
+    assert requests.get(on_ray.url + "/health/live", timeout=30).status_code == 200
+    ready = requests.get(on_ray.url + "/health/ready", timeout=30)
+    assert ready.status_code == 200, ready.text
+    info = InferenceClient(model=on_ray.url, provider="hf-inference").get_endpoint_info()
+    assert info["model_id"] == MODEL and [m["model_id"] for m in info["models"]] == [MODEL]
+    assert info["engine"]["backend"] == BACKEND and info["batching"]["max_batch_size"] == 4
+    classified = []
+    for _ in range(6):  # the proxy picks a replica per scrape: each one has computed some of the images
+        r = requests.get(on_ray.url + "/metrics", timeout=30)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(r.text)}
+        classified.append(sum(s.value for s in families["vitnp_images_classified"].samples
+                              if s.labels.get("model") == MODEL and s.name.endswith("_total")))
+        assert any(s.labels.get("route") == "/" and s.labels.get("status") == "200"
+                   for s in families["vitnp_requests"].samples) or classified[-1] == 0
+    assert max(classified) > 0, classified
+
+
 def test_missing_ray_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(vitnp.ray.RayNotInstalledError, match=r"vitnp\[ray\]"):

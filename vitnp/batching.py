@@ -1,15 +1,17 @@
 """Dynamic batching between the HTTP layer and the engine: one worker per model, and a bounded LRU cache of
 results (the models by name: vitnp.registry).
 
-This layer never sees HTTP: it takes image bytes plus raw parameter values and returns plain lists of
-{"label", "score"} dicts, or raises vitnp errors (ImageError, ParameterError, ModelNotFoundError,
-QueueFullError, ModelLoadingError, ...) for the HTTP layer to map to statuses.
+This layer never sees HTTP: it takes a request's images (bytes) plus raw parameter values and returns plain
+lists of {"label", "score"} dicts, or raises vitnp errors (ImageError, ParameterError, ModelNotFoundError,
+QueueFullError, ModelLoadingError, DeadlineExceededError, ...; vitnp.errors says which status each is) for the
+HTTP layer to map to statuses. It records the metrics (vitnp.metrics) of everything below HTTP.
 
-Per request: look up the model in the registry (loading it on demand if allowed), validate the parameters,
-consult the result cache, take a queue slot, decode + preprocess the image on a thread pool (so one bad image fails
-only its own request), then hand the pixel values to the model's engine worker. The worker thread groups
-queued requests into one forward pass (up to max_batch_size, waiting at most max_wait for the batch to
-fill), and resolves each request's future with its own postprocessed result.
+Per request: look up the model in the registry (waiting for it while it loads), validate the parameters,
+consult the result cache per image, admit the missing images against the queue limit together, decode +
+preprocess them on a thread pool (so one bad image fails only its own request), then hand the pixel values to
+the model's engine worker as one job per image. The worker thread groups queued jobs into one forward pass
+(up to max_batch_size, waiting at most max_wait for the batch to fill), drops the jobs whose deadline has
+passed, and resolves each job's future with its own postprocessed result.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextvars
 import hashlib
 import logging
 import queue
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DeadlineExceededError, ImageError, ParameterError, QueueFullError
+from .logs import REQUEST_ID, run_with_context
 from .metrics import Metrics
 from .options import ServingOptions
 from .postprocess import validate_parameters
@@ -68,7 +70,7 @@ class Job:
     request at the deadline (`give_up`, True when the job had not started: the request withdraws it).
     """
 
-    __slots__ = ("pixels", "top_k", "function_to_apply", "deadline", "admitted", "_state", "_lock")
+    __slots__ = ("pixels", "top_k", "function_to_apply", "deadline", "admitted", "request_id", "_state", "_lock")
 
     def __init__(self, pixels: np.ndarray, top_k: int, function_to_apply: str | None, deadline: float | None = None,
                  admitted: float | None = None):
@@ -77,6 +79,7 @@ class Job:
         self.function_to_apply = function_to_apply
         self.deadline = deadline  # time.monotonic() value, or None
         self.admitted = time.monotonic() if admitted is None else admitted
+        self.request_id = REQUEST_ID.get()  # of the request that made it (for the engine thread's log lines)
         self._state = "queued"
         self._lock = threading.Lock()
 
@@ -311,7 +314,8 @@ class EngineWorker(ModelWorker):
         try:
             predictions = self.forward([job for job, _ in batch])
         except BaseException as e:  # noqa: BLE001 - every waiting request must hear about it
-            log.exception("forward pass failed for model %s (batch of %d)", self.name, n)
+            log.exception("forward pass failed for model %s (batch of %d; requests %s)", self.name, n,
+                          ", ".join(str(job.request_id) for job, _ in batch))
             for _, future in batch:
                 future.set_exception(e)
             return
@@ -374,9 +378,6 @@ class InferenceService:
         (DeadlineExceededError). The images are admitted against the queue limit together (QueueFullError if
         they do not all fit); each is one image of a batch. Raises vitnp errors (ImageError, ParameterError,
         ModelNotFoundError, QueueFullError, ModelLoadingError, DeadlineExceededError, ...)."""
-        if isinstance(images, (bytes, bytearray)):  # the single-image call of the HTTP layer before issue 17
-            return (await self.classify(model, [bytes(images)], top_k, function_to_apply, use_cache,
-                                        wait_for_model, deadline))[0]
         if not images:
             raise ParameterError("the request holds no image")
         worker = await self.registry.get(model, wait_for_model, deadline)
@@ -384,7 +385,7 @@ class InferenceService:
         top_k, function_to_apply = validate_parameters(top_k, function_to_apply, worker.num_labels)
         loop = asyncio.get_running_loop()
         if sum(map(len, images)) > HASH_OFF_LOOP_BYTES:
-            digests = await loop.run_in_executor(self._decode_pool, contextvars.copy_context().run, _digests, images)
+            digests = await loop.run_in_executor(self._decode_pool, run_with_context(_digests, images))
         else:
             digests = _digests(images)
         keys = [(worker.cache_identity, digest, top_k, function_to_apply) for digest in digests]
@@ -412,7 +413,7 @@ class InferenceService:
         worker.admit(n)
         admitted = time.monotonic()
         decoded = await asyncio.gather(*[
-            loop.run_in_executor(self._decode_pool, contextvars.copy_context().run, worker.decode, image)
+            loop.run_in_executor(self._decode_pool, run_with_context(worker.decode, image))
             for image in images], return_exceptions=True)
         for i, result in enumerate(decoded):
             if isinstance(result, BaseException):

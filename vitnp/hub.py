@@ -149,8 +149,10 @@ def lookup_url_model(name: str, revision: str | None = None, timeout: float = 10
                                   f"answer its lookup (HTTP {status})") from None
     except Exception as e:  # noqa: BLE001 - the HTTP client's connection errors and timeouts, whatever its kind
         log.info("Hub lookup of %s failed: %s", name, e)
-        raise HubUnreachableError(f"Model {name} is not in this server's cache and the Hugging Face Hub could "
-                                  f"not be reached within {timeout:g} seconds ({type(e).__name__})") from None
+        why = (f"did not answer within {timeout:g} seconds" if "timeout" in type(e).__name__.lower()
+               else f"could not be reached ({type(e).__name__}: {e})")
+        raise HubUnreachableError(f"Model {name} is not in this server's cache and the Hugging Face Hub "
+                                  f"{why}") from None
     return False
 
 

@@ -517,13 +517,15 @@ def _deployment_class():
         """One replica: the models (shared weights) behind vitnp.server's own Starlette application."""
 
         def __init__(self, models: list[ReplicaModel], options: ServingOptions, token: str | None,
-                     threads: int | None):
+                     threads: int | None, http: dict):
             from .batching import InferenceService
             from .metrics import RayMetrics
             from .registry import ModelRegistry
             from .startup import limit_image_pixels, start_worker
 
-            logging.basicConfig(level=logging.INFO)
+            from .logs import configure
+
+            configure(http.get("log_level", "info"), http.get("log_format", "text"))
             limit_image_pixels(options)
             threads = threads or _assigned_cpus()
             registry = ModelRegistry(options, models[0].shared.engine.with_threads(threads))
@@ -535,6 +537,7 @@ def _deployment_class():
             self.service = InferenceService(registry, options, RayMetrics())
             self.options = options
             self.token = token
+            self.cors_allow_origins = tuple(http.get("cors_allow_origins", ()))
 
         def check_health(self):
             """Ray Serve's health check of the replica: the service's readiness (every model served, every
@@ -546,20 +549,42 @@ def _deployment_class():
         def __serve_build_asgi_app__(self):
             from .server import create_app
 
-            return create_app(self.service, self.token, self.options)
+            return without_response_header(create_app(self.service, self.token, self.options,
+                                                      self.cors_allow_origins), b"x-request-id")
 
     return VitnpDeployment
 
 
+def without_response_header(app, name: bytes):
+    """An ASGI app answering as `app` does, less one response header. Ray Serve's proxy puts x-request-id on
+    every response itself (the request's, or the id it made and passed on to the replica in the request's
+    headers, which vitnp.server then logs and echoes): the replica's own copy would repeat it."""
+
+    async def wrapped(scope, receive, send):
+        async def send_without(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [(k, v) for k, v in message.get("headers", [])
+                                                  if k.lower() != name]}
+            await send(message)
+
+        await app(scope, receive, send_without if scope["type"] == "http" else send)
+
+    return wrapped
+
+
 def serve_application(models: list[ReplicaModel], options: ServingOptions, token: str | None = None,
                       threads: int | None = None, replicas: int | None = 1,
-                      autoscaling: tuple[int, int] | None = None, num_cpus: float | None = None):
+                      autoscaling: tuple[int, int] | None = None, num_cpus: float | None = None,
+                      log_level: str = "info", log_format: str = "text", cors_allow_origins: tuple[str, ...] = ()):
     """A bound Ray Serve application: `serve.run(app, route_prefix="/")`.
 
     models: one ReplicaModel per model, the first being the default for POST /.
     threads: compute threads per replica (default: the CPUs Ray reserved for it).
     replicas: a fixed count; autoscaling: (min, max) replicas, scaled on ongoing requests instead.
     num_cpus: CPUs Ray reserves per replica (default: its compute threads, or 1).
+    log_level, log_format, cors_allow_origins: as ServerOptions' (vitnp.logs.configure, create_app).
+    Each replica's health check (Ray Serve's check_health) is the service's readiness; its metrics go to its
+    own /metrics and through ray.util.metrics to Ray's Prometheus export (vitnp.metrics.RayMetrics).
     """
     from ray import serve
 
@@ -573,7 +598,8 @@ def serve_application(models: list[ReplicaModel], options: ServingOptions, token
     else:
         deployment_options["num_replicas"] = replicas or 1
     deployment = serve.deployment(_deployment_class(), name="vitnp", **deployment_options)
-    return deployment.bind(models, options, token, threads)
+    http = {"log_level": log_level, "log_format": log_format, "cors_allow_origins": tuple(cors_allow_origins)}
+    return deployment.bind(models, options, token, threads, http)
 
 
 def run_serve(options: ServerOptions) -> int:
@@ -605,7 +631,8 @@ def run_serve(options: ServerOptions) -> int:
         threads = options.engine.threads or default_threads(autoscaling[1] if autoscaling else options.ray.replicas)
         serve.start(http_options={"host": options.host, "port": options.port})
         app = serve_application(models, options.serving, token=options.token, threads=threads,
-                                replicas=options.ray.replicas, autoscaling=autoscaling)
+                                replicas=options.ray.replicas, autoscaling=autoscaling, log_level=options.log_level,
+                                log_format=options.log_format, cors_allow_origins=options.cors_allow_origins)
         serve.run(app, name="vitnp", route_prefix="/")
         log.info("Ray Serve is answering on http://%s:%d", options.host, options.port)
         print(f"vitnp serve: Ray Serve application ready on http://{options.host}:{options.port}", file=sys.stderr,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextvars
 import logging
 import time
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from .errors import (
     QueueFullError,
     VitnpError,
 )
-from .hub import check_not_a_path, check_url_name, lookup_url_model
+from .hub import check_not_a_path, check_url_name, lookup_url_model, url_revision
+from .logs import run_with_context
 from .metrics import Metrics
 from .options import EngineOptions, ServingOptions
 from .startup import NamedModel, load_classifier, start_worker
@@ -41,6 +41,8 @@ LOOKUP_THREADS = 4
 LOAD_THREADS = 1
 # Distinct on-demand names being looked up or loaded at once; past it, 429.
 MAX_PENDING_MODELS = 32
+# Failures remembered at once (the oldest is forgotten first): random names cannot grow memory without bound.
+MAX_REMEMBERED_FAILURES = 4096
 
 
 @dataclass
@@ -122,8 +124,7 @@ class ModelRegistry:
             for model in models:
                 loading = self.loading[model.name]
                 try:
-                    worker = await loop.run_in_executor(self._load_pool, contextvars.copy_context().run,
-                                                        self.load, model)
+                    worker = await loop.run_in_executor(self._load_pool, run_with_context(self.load, model))
                 except BaseException as e:
                     for other in models:
                         pending = self.loading.pop(other.name, None)
@@ -258,6 +259,9 @@ class OnDemandLoader:
         return None
 
     def remember(self, name: str, error: BaseException) -> None:
+        self._failed.pop(name, None)
+        while len(self._failed) >= MAX_REMEMBERED_FAILURES:
+            del self._failed[next(iter(self._failed))]
         self._failed[name] = (time.monotonic(), error)
 
     async def start(self, name: str) -> Loading | ModelWorker:
@@ -299,9 +303,8 @@ class OnDemandLoader:
         loop = asyncio.get_running_loop()
         try:
             try:
-                return await asyncio.wait_for(loop.run_in_executor(
-                    self._lookup_pool, contextvars.copy_context().run, lookup_url_model, name,
-                    self.registry.revision if not name.startswith("bundled:") else None, serving.hub_timeout),
+                return await asyncio.wait_for(loop.run_in_executor(self._lookup_pool, run_with_context(
+                    lookup_url_model, name, url_revision(name, self.registry.revision), serving.hub_timeout)),
                     serving.hub_timeout + 1.0)
             except asyncio.TimeoutError:
                 raise HubUnreachableError(f"Model {name} could not be looked up on the Hugging Face Hub within "
@@ -325,7 +328,7 @@ class OnDemandLoader:
             return registry.load(NamedModel(name, (), name), **kwargs)
 
         try:
-            worker = await loop.run_in_executor(registry._load_pool, contextvars.copy_context().run, load)
+            worker = await loop.run_in_executor(registry._load_pool, run_with_context(load))
         except Exception as e:  # noqa: BLE001 - reported to the waiting requests, remembered, logged
             error = load_failure(name, e)
             self.remember(name, error)
