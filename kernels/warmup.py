@@ -12,14 +12,18 @@ exactly the signatures that later calls look up.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import numpy as np
 
+_log = logging.getLogger("vitnp")
 GROUPS = ("gemm", "attention", "layernorm", "blas_epilogues", "int8", "bf16")
 # The groups a layer's GEMM runs: a float32 Linear by its backend ("auto" may run either, and re-lays a weight
 # out between them), a QLinear by its precision.
@@ -174,23 +178,33 @@ def compile_groups(groups, processes=None, on_done=None) -> dict:
     for group in groups:  # this process's share, and the warm groups (loaded from the cache)
         if group not in helper_groups:
             run_here(group, timed=group in cold)
-    for process, reader in helpers:
-        process.wait()
-        reader.join()
+    for helper in helpers:
+        _finish_helper(*helper)
     for group in groups:  # load what the helpers compiled, or compile here what they could not
         if group in helper_groups:
             run_here(group, timed=group not in seconds)
     return seconds
 
 
+# A helper imports this module exactly as this process did: the same sys.path (with the current directory made
+# absolute), not `python -m`'s, which puts the working directory first, where a source checkout's vitnp/
+# (without its kernels, which are installed from another directory) would shadow the installed package.
+_HELPER = ("import importlib, json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+           "sys.exit(importlib.import_module(sys.argv[2]).main(sys.argv[3:]))")
+
+
 def _start_helper(share, report):
     from .threads import get_num_threads
 
+    path = json.dumps([os.path.abspath(entry) if entry in ("", ".") else entry for entry in sys.path])
+    errors = tempfile.TemporaryFile("w+")  # a file: a chatty helper can never block on a full pipe
     try:
-        process = subprocess.Popen([sys.executable, "-m", __name__, "--threads", str(get_num_threads()), *share],
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                   text=True)
-    except OSError:
+        process = subprocess.Popen([sys.executable, "-c", _HELPER, path, __name__, "--threads",
+                                    str(get_num_threads()), *share], stdout=subprocess.PIPE, stderr=errors,
+                                   stdin=subprocess.DEVNULL, text=True)
+    except OSError as e:
+        errors.close()
+        _log.warning("vitnp: could not start a kernel-compiling helper process (%s); compiling here", e)
         return None
 
     def read():
@@ -201,7 +215,19 @@ def _start_helper(share, report):
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    return process, reader
+    return process, reader, errors
+
+
+def _finish_helper(process, reader, errors):
+    """Wait for a helper; a failed one is logged (its groups are then compiled here)."""
+    process.wait()
+    reader.join()
+    if process.returncode:
+        errors.seek(0)
+        last = (errors.read().strip().splitlines() or ["no message"])[-1]
+        _log.warning("vitnp: a kernel-compiling helper process failed (exit code %s: %s); compiling its "
+                     "groups here", process.returncode, last)
+    errors.close()
 
 
 def main(argv=None) -> int:
