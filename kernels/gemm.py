@@ -261,7 +261,7 @@ def gemm(x, w_t, bias, out, epilogue, columns=None):
     depth, cols = w_t.shape
     if x.shape[0] and depth and cols:
         padded, packed = _weight_scratch(depth, cols)
-        _pack_panels(w_t, padded, packed)
+        _pack_panels(read_only(w_t), padded, packed)
     else:
         packed = NO_BIAS  # nothing is read from it
     gemm_packed(x, packed, cols, bias, out, epilogue, columns)
@@ -278,7 +278,7 @@ def pack_weight(w_t):
     were tried: with K=3072 the panels start 384 KiB apart, all on the same L2 sets, and fc2 got slower.)
     """
     padded, packed = panel_buffer(*w_t.shape)
-    _pack_panels(w_t, padded, packed)
+    _pack_panels(read_only(w_t), padded, packed)
     return packed
 
 
@@ -309,8 +309,16 @@ def pack_weight_nk(weight):
     strides, read-only memory maps included): one pass, no transposed copy."""
     cols, depth = weight.shape
     padded, packed = panel_buffer(depth, cols)
-    _pack_panels_nk(weight, padded, packed)
+    _pack_panels_nk(read_only(weight), padded, packed)
     return packed
+
+
+def read_only(array):
+    """A read-only view of `array`: the packers only read their source, and a checkpoint's memory map is
+    read-only, so every weight is passed as one (one compiled specialisation instead of two)."""
+    view = array.view()
+    view.setflags(write=False)
+    return view
 
 
 @njit(cache=True)
