@@ -3,7 +3,7 @@
 
 Without a model it compiles the kernel groups a model built with the engine options runs (the groups depend on
 the options, not on the model's sizes).  With a model it also loads it and runs one forward pass, which stores the
-"auto" backend's per-shape decisions for it next to the kernels.  Everything goes to the user cache directory
+"auto" backend's per-shape decisions for it next to the kernels (batch sizes 1 and `vitnp classify`'s default).  Everything goes to the user cache directory
 (vitnp.kernels.cachedir: VITNP_CACHE_DIR, else XDG_CACHE_HOME/vitnp, else ~/.cache/vitnp).
 """
 
@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import VitnpError
-from .options import EngineOptions
+from .options import ClassifyOptions, EngineOptions
+
+WARMUP_BATCH_SIZES = (1, ClassifyOptions.batch_size)  # a single image, and `vitnp classify`'s batches
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def compile_ahead(options: CompileOptions, progress: bool = False) -> CompileRep
     warmup_seconds = None
     if options.model is not None:
         t0 = time.perf_counter()
-        load(options.model, revision=options.revision, options=options.engine, progress=progress).warmup((1,))
+        load(options.model, revision=options.revision, options=options.engine, progress=progress).warmup(WARMUP_BATCH_SIZES)
         warmup_seconds = time.perf_counter() - t0
     cache_dir = cachedir.numba_cache_dir()
     return CompileReport(groups=kernel_groups(options.engine), compiled=compiled, cache_dir=cache_dir,
