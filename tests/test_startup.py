@@ -2,9 +2,9 @@
 processes that really run, and the first forward pass after compile_kernels compiles nothing more; with no
 writable cache directory vitnp still classifies and says so once; `vitnp compile` fills the cache ahead of time.
 
-Each test runs a fresh interpreter with its own empty VITNP_CACHE_DIR (a cold cache), from a working directory
-holding a decoy `vitnp/` package without kernels, as a source checkout is for a non-editable install: anything
-that imports vitnp from the working directory instead of the way this process did fails there.
+Each test runs a fresh interpreter with its own empty VITNP_CACHE_DIR (a cold cache).  The first runs from a working
+directory holding a decoy `vitnp/` package without kernels, as a source checkout is for a non-editable install:
+a helper process that imports vitnp from the working directory instead of the way its parent did fails there.
 """
 
 from __future__ import annotations
