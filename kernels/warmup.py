@@ -194,8 +194,10 @@ def compile_groups(groups, processes=None, on_done=None) -> dict:
 
 # A helper imports this module exactly as this process did: the same sys.path (with the current directory made
 # absolute), not `python -m`'s, which puts the working directory first, where a source checkout's vitnp/
-# (without its kernels, which are installed from another directory) would shadow the installed package.
+# (without its kernels, which are installed from another directory) would shadow the installed package.  It runs
+# only these kernels, none of which uses np.linalg, so it skips Numba's import of SciPy's BLAS wrappers for it.
 _HELPER = ("import importlib, json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+           "sys.modules.setdefault('scipy.linalg', None); "
            "sys.exit(importlib.import_module(sys.argv[2]).main(sys.argv[3:]))")
 
 
