@@ -6,7 +6,8 @@ Never the installed package: Numba's default places a module's cache in the `__p
 which fails on a read-only install (system packages, container images) and leaves a folder behind in
 site-packages on uninstall, one that then shadows a later editable install of the same package as a namespace
 package.  When no cache directory is writable, kernels compile into a directory of this process's own that is
-removed at exit (compiled in memory, in effect), and a warning says so once.
+removed at exit (compiled in memory, in effect; the warm-up's helper processes share it), and a warning says so
+once.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import tempfile
 from numba.core import caching
 
 ENV_VAR = "VITNP_CACHE_DIR"
+NUMBA_SUBDIR = "numba"
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _log = logging.getLogger("vitnp")
-_fallback: list[str] = []
+_fallback: list[str] = []   # this process's own cache root, once the user's turned out not to be writable
+_writable: dict[str, str | None] = {}  # kernel cache directory -> None if writable, else why not (probed once)
 
 
 def cache_root() -> str:
@@ -33,20 +36,36 @@ def cache_root() -> str:
     return os.path.join(base, "vitnp")
 
 
-def numba_cache_dir() -> str:
-    """Where the compiled kernels go: the user cache if it is writable, else a directory of this process's."""
-    path = os.path.join(cache_root(), "numba")
+def _probe(path: str) -> str | None:
+    """None if `path` can be created and written to, else why not."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
-        return path
     except OSError as e:
-        if not _fallback:
-            _fallback.append(tempfile.mkdtemp(prefix="vitnp-kernels-"))
-            atexit.register(shutil.rmtree, _fallback[0], ignore_errors=True)
-            _log.warning("vitnp: no writable kernel cache (%s: %s); kernels are compiled for this process only. "
-                         "Set %s to a writable directory to keep them.", path, e.strerror or e, ENV_VAR)
-        return _fallback[0]
+        return e.strerror or str(e)
+    return None
+
+
+def root_in_use() -> str:
+    """The cache root this process writes compiled kernels under: cache_root() if its kernel directory is
+    writable, else this process's own temporary one (created, with a warning, the first time)."""
+    root = cache_root()
+    path = os.path.join(root, NUMBA_SUBDIR)
+    if path not in _writable:
+        _writable[path] = _probe(path)
+    if _writable[path] is None:
+        return root
+    if not _fallback:
+        _fallback.append(tempfile.mkdtemp(prefix="vitnp-cache-"))
+        atexit.register(shutil.rmtree, _fallback[0], ignore_errors=True)
+        _log.warning("vitnp: no writable kernel cache (%s: %s); kernels are compiled for this process only. "
+                     "Set %s to a writable directory to keep them.", path, _writable[path], ENV_VAR)
+    return _fallback[0]
+
+
+def numba_cache_dir() -> str:
+    """Where the compiled kernels go: the user cache if it is writable, else a directory of this process's."""
+    return os.path.join(root_in_use(), NUMBA_SUBDIR)
 
 
 class KernelCacheLocator(caching.UserProvidedCacheLocator):
@@ -62,7 +81,12 @@ class KernelCacheLocator(caching.UserProvidedCacheLocator):
         if os.path.commonpath([path, _PACKAGE_DIR]) != _PACKAGE_DIR:
             return None  # somebody else's function: Numba's own locators decide
         self = cls(py_func, py_file)
-        self.ensure_cache_path()
+        try:
+            self.ensure_cache_path()
+        except OSError:  # writable when probed, no longer now: this process's own directory then
+            _writable[os.path.join(cache_root(), NUMBA_SUBDIR)] = "not writable"
+            self = cls(py_func, py_file)
+            self.ensure_cache_path()
         return self
 
 

@@ -1,19 +1,19 @@
 """Numba single-precision GEMM with fused epilogues: out (=|+=) epilogue(x @ w_t + bias).
 
-x (M, K) and out (M, N) are float32 C-contiguous; w_t is the (K, N) float32 weight (the transposed
-nn.Linear weight, shared with the BLAS backend).  Epilogues: "none" (out = xw + b), "gelu"
-(out = gelu(xw + b)), "add" (out += xw + b).
+x (M, K) and out (M, N) are float32 C-contiguous; the weight is the (K, N) transposed nn.Linear weight,
+packed once (pack_weight / pack_weight_nk) into the micro-kernel's panel layout.  Epilogues: "none"
+(out = xw + b), "gelu" (out = gelu(xw + b)), "add" (out += xw + b).
 
 Structure (one parallel region per call, one task per worker, BLIS-like inside a task):
-  * The output is cut into a grid of worker tasks, along N when M < N (duplicating the cheap A packing)
+  * The output is cut into a grid of worker tasks, along N when M < N (duplicating the cheap A reads)
     and along M otherwise (duplicating the B reads).
-  * A task walks K in KC slabs.  Per slab it packs its rows of x into MR-row panels ([panel][k][MR],
-    worker-private, reused for all its columns); then per NCS-column block it either packs the
-    KC x NCS block of w_t into NR-column panels (L2-resident; worth it when many rows reuse it) or lets
-    the micro-kernel read w_t rows in place (few rows: packing would cost more than it saves).
-  * For each MR-row panel (its A sliver stays in L1) and each NR-column panel, the LLVM micro-kernel
-    accumulates an MR x NR tile in vector registers and adds it into `out`; after the last slab the
-    epilogue (bias, GELU) is applied to the row panel's MR x NCS block while it is still in cache.
+  * A task walks K in KC slabs; for each NR-column panel of B (L1-resident) every MR-row panel of its
+    rows passes over it, A read in place from x (only a ragged last row panel is packed, zero-padded).
+  * The LLVM micro-kernel accumulates an MR x NR tile in vector registers and adds it into `out`; after
+    the last slab the epilogue (bias, GELU) is applied to each row panel while it is still in cache.
+
+There is one driver, on packed weights: a (K, N) weight (gemm()) is packed per call into scratch, so a
+first run compiles one parallel GEMM kernel and nothing else compiles later.
 """
 import threading
 
@@ -34,9 +34,6 @@ EPILOGUES = {"none": EPILOGUE_NONE, "gelu": EPILOGUE_GELU, "add": EPILOGUE_ADD}
 MR = SPEC.gemm_mr  # micro-tile rows and columns for this ISA (isa.py): AVX-512 12 x 32 (24 of 32 zmm
 NR = SPEC.gemm_nr  # registers accumulate), AVX2 6 x 16 (12 of 16 ymm)
 KC = 256     # K slab: an A sliver (MR x KC) is 6-12 KiB, an NR panel of B 16-32 KiB: both stay in L1
-NCS = 768    # columns per B block: fewer, wider blocks mean fewer passes over the packed A slab
-MC_MAX = 2048          # rows of A packed per slab at most (bounds the per-worker A buffer)
-PACK_B_MIN_ROWS = 384  # below this many rows per task, read w_t in place instead of packing
 PANEL_OUTER_MAX_ROWS = 256  # pre-packed weight: rows per panel-outer pass (its A rows stay in L2)
 LINE = 16              # float32 per cache line
 PF_SHIFT_MIN = 3       # prefetch a new line at most every 8 k steps
@@ -45,13 +42,6 @@ MR_MID, MR_SMALL = SPEC.gemm_row_variants[1:]
 _micro = make_microkernel(MR, NR, SPEC.lanes, prefetch_b=True)
 _micro_mid = make_microkernel(MR_MID, NR, SPEC.lanes, prefetch_b=True)
 _micro_small = make_microkernel(MR_SMALL, NR, SPEC.lanes, prefetch_b=True)
-
-
-@njit(cache=True, inline="always")
-def _row_block(rows):
-    """Rows of A packed per slab: at most MC_MAX, split evenly, whole micro-panels."""
-    blocks = cdiv(rows, MC_MAX)
-    return cdiv(cdiv(rows, blocks), MR) * MR
 
 
 @njit(cache=True, fastmath=True)
@@ -74,30 +64,6 @@ def _pack_a(x_flat, depth, r0, rows, k0, kc, a_buf):
             for i in range(valid, MR):
                 for p in range(kc):
                     a_buf[base + p * MR + i] = 0.0
-
-
-@njit(cache=True, fastmath=True)
-def _pack_b(w_flat, cols_total, k0, kc, col0, cols, b_buf):
-    """b_buf[panel][p][j] = w_t[k0 + p, col0 + panel*NR + j], zero columns past `cols`.
-
-    Walks w_t row by row (contiguous reads) and scatters NR-wide runs to the panels.
-    """
-    full_panels = cols // NR
-    tail = cols - full_panels * NR
-    for p in range(kc):
-        src = (k0 + p) * cols_total + col0
-        for panel in range(full_panels):
-            dst = panel * kc * NR + p * NR
-            s = src + panel * NR
-            for j in range(NR):
-                b_buf[dst + j] = w_flat[s + j]
-        if tail:
-            dst = full_panels * kc * NR + p * NR
-            s = src + full_panels * NR
-            for j in range(tail):
-                b_buf[dst + j] = w_flat[s + j]
-            for j in range(tail, NR):
-                b_buf[dst + j] = 0.0
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -134,49 +100,6 @@ def _finish_tile(out_flat, ldc, row, rows, col, cols, bias, has_bias, epilogue):
             _add_bias_serial(segment, bias[col:col + cols])
         if epilogue == EPILOGUE_GELU:
             gelu_inplace_serial(segment)
-
-
-@njit(cache=True, fastmath=True)
-def _run_task(x_flat, w_flat, bias, has_bias, out_flat, rows_total, depth, cols_total, epilogue,
-              r0, r1, c0, c1, a_buf, b_buf, pack_b):
-    row_block = _row_block(r1 - r0)
-    for m0 in range(r0, r1, row_block):
-        m1 = min(m0 + row_block, r1)
-        row_panels = cdiv(m1 - m0, MR)
-        for k0 in range(0, depth, KC):
-            kc = min(KC, depth - k0)
-            accumulate = k0 > 0 or epilogue == EPILOGUE_ADD
-            last = k0 + kc >= depth
-            _pack_a(x_flat, depth, m0, m1 - m0, k0, kc, a_buf)
-            for s0 in range(c0, c1, NCS):
-                s1 = min(s0 + NCS, c1)
-                col_panels = cdiv(s1 - s0, NR)
-                full_col_panels = (s1 - s0) // NR
-                if pack_b:
-                    _pack_b(w_flat, cols_total, k0, kc, s0, s1 - s0, b_buf)
-                elif full_col_panels < col_panels:
-                    # Only the ragged last panel is packed (reading it in place would run off the row).
-                    _pack_b(w_flat, cols_total, k0, kc, s0 + full_col_panels * NR,
-                            s1 - s0 - full_col_panels * NR, b_buf)
-                for rp in range(row_panels):
-                    row = m0 + rp * MR
-                    rows = min(MR, m1 - row)
-                    a_off = rp * kc * MR
-                    for jp in range(col_panels):
-                        col = s0 + jp * NR
-                        cols = min(NR, s1 - col)
-                        if pack_b:
-                            b, b_off, ldb = b_buf, jp * kc * NR, NR
-                        elif cols == NR:
-                            b, b_off, ldb = w_flat, k0 * cols_total + col, cols_total
-                        else:
-                            b, b_off, ldb = b_buf, 0, NR
-                        _micro_rows(rows, a_buf, a_off, b, b_off, ldb, out_flat, row * cols_total + col,
-                                    cols_total, kc, accumulate, cols)
-                    if last and (has_bias or epilogue == EPILOGUE_GELU):
-                        # Per row panel rather than per tile: long rows vectorise well, and the tiles
-                        # were stored a while ago (re-reading a just-stored zmm in pieces stalls).
-                        _finish_tile(out_flat, cols_total, row, rows, s0, s1 - s0, bias, has_bias, epilogue)
 
 
 @njit(cache=True, fastmath=True)
@@ -226,27 +149,6 @@ def _run_task_panel_outer(x_flat, w_packed, bias, has_bias, out_flat, depth, col
             _finish_tile(out_flat, cols_total, row, min(MR, r1 - row), c0, c1 - c0, bias, has_bias, epilogue)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
-def _gemm_tasks(x, w_t_flat, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, b_bufs, c_begin,
-                c_end):
-    """The workers' tasks on a (K, N) weight read in place (B packed per task when enough rows reuse it),
-    for output columns [c_begin, c_end)."""
-    rows, depth = x.shape
-    cols = out.shape[1]
-    x_flat = x.reshape(-1)
-    out_flat = out.reshape(-1)
-    tasks = task_count(rows, c_end - c_begin, row_split, col_split)
-    workers = a_bufs.shape[0]
-    for w in prange(workers):
-        for task in range(w, tasks, workers):
-            r0, r1, c0, c1 = task_bounds(task, rows, c_end - c_begin, row_split, col_split)
-            c0, c1 = c0 + c_begin, c1 + c_begin
-            _run_task(x_flat, w_t_flat, bias, has_bias, out_flat, rows, depth, cols, epilogue,
-                      r0, r1, c0, c1, a_bufs[w], b_bufs[w], r1 - r0 >= PACK_B_MIN_ROWS)
-
-
-# Two drivers rather than one with a flag: the models' forward passes only run the pre-packed one, and
-# alone it compiles in about half the time (the first run waits for it).
 @njit(cache=True, fastmath=True, parallel=True)
 def _gemm_tasks_packed(x, w_packed, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, c_begin, c_end):
     """The workers' tasks on a pack_weight() weight, for output columns [c_begin, c_end) (c_begin a
@@ -333,37 +235,36 @@ def _finish_empty(out, bias, epilogue):
                 gelu_inplace_serial(row)
 
 
-def _buffers(workers, a_size, b_size):
-    """Grow-only scratch for the calling Python thread: per-worker packed A and packed B."""
-    bufs = getattr(_local, "gemm", None)
-    if bufs is None or bufs[0].shape[0] != workers or bufs[0].shape[1] < a_size or bufs[1].shape[1] < b_size:
-        if bufs is not None and bufs[0].shape[0] == workers:
-            a_size = max(a_size, bufs[0].shape[1])
-            b_size = max(b_size, bufs[1].shape[1])
-        bufs = (aligned_empty(workers, a_size), aligned_empty(workers, b_size))
-        _local.gemm = bufs
+def _a_buffers(workers, depth):
+    """Grow-only scratch for the calling Python thread: per worker, one packed MR-row panel of A per K slab."""
+    size = MR * min(KC, depth)
+    bufs = getattr(_local, "a_panels", None)
+    if bufs is None or bufs.shape[0] != workers or bufs.shape[1] < size:
+        bufs = _local.a_panels = aligned_empty(workers, size)
     return bufs
 
 
+def _weight_scratch(depth, cols):
+    """Grow-only buffer for the calling Python thread that a (K, N) weight is packed into by gemm()."""
+    padded = cdiv(cols, NR) * NR
+    buf = getattr(_local, "packed_weight", None)
+    if buf is None or buf.size < depth * padded:
+        buf = _local.packed_weight = aligned_empty(1, depth * padded)[0]
+    return padded, buf[:depth * padded]
+
+
 def gemm(x, w_t, bias, out, epilogue, columns=None):
-    """out (=|+=) epilogue(x @ w_t + bias) with the packed, register-tiled Numba kernel (bias may be None);
-    with columns=(start, stop), only out[:, start:stop] is computed and nothing else is written."""
-    rows, depth = x.shape
-    c_begin, c_end = (0, w_t.shape[1]) if columns is None else columns
-    cols = c_end - c_begin
-    if rows == 0 or cols == 0:
-        return
-    if depth == 0:  # an empty sum: only the bias (or nothing) remains
-        _finish_empty(out[:, c_begin:c_end], None if bias is None else bias[c_begin:c_end], epilogue)
-        return
-    workers = get_num_threads()
-    row_split, col_split = plan(rows, cols, workers)
-    a_size = _row_block(row_split) * min(KC, depth)
-    b_size = min(KC, depth) * _round_up(min(NCS, col_split), NR)
-    a_bufs, b_bufs = _buffers(workers, a_size, b_size)
-    has_bias = bias is not None
-    _gemm_tasks(x, w_t.reshape(-1), bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
-                row_split, col_split, a_bufs, b_bufs, c_begin, c_end)
+    """out (=|+=) epilogue(x @ w_t + bias) for a (K, N) float32 C-contiguous weight (bias may be None); with
+    columns=(start, stop), start a multiple of NR, only out[:, start:stop] is computed and nothing else is
+    written.  The weight is packed into this thread's scratch on every call (a layer that runs the Numba GEMM
+    often holds its weight packed: gemm_packed)."""
+    depth, cols = w_t.shape
+    if x.shape[0] and depth and cols:
+        padded, packed = _weight_scratch(depth, cols)
+        _pack_panels(read_only(w_t), padded, packed)
+    else:
+        packed = NO_BIAS  # nothing is read from it
+    gemm_packed(x, packed, cols, bias, out, epilogue, columns)
 
 
 def pack_weight(w_t):
@@ -377,7 +278,7 @@ def pack_weight(w_t):
     were tried: with K=3072 the panels start 384 KiB apart, all on the same L2 sets, and fc2 got slower.)
     """
     padded, packed = panel_buffer(*w_t.shape)
-    _pack_panels(w_t, padded, packed)
+    _pack_panels(read_only(w_t), padded, packed)
     return packed
 
 
@@ -408,8 +309,16 @@ def pack_weight_nk(weight):
     strides, read-only memory maps included): one pass, no transposed copy."""
     cols, depth = weight.shape
     padded, packed = panel_buffer(depth, cols)
-    _pack_panels_nk(weight, padded, packed)
+    _pack_panels_nk(read_only(weight), padded, packed)
     return packed
+
+
+def read_only(array):
+    """A read-only view of `array`: the packers only read their source, and a checkpoint's memory map is
+    read-only, so every weight is passed as one (one compiled specialisation instead of two)."""
+    view = array.view()
+    view.setflags(write=False)
+    return view
 
 
 @njit(cache=True)
@@ -467,8 +376,7 @@ def gemm_packed(x, packed, cols, bias, out, epilogue, columns=None):
         return
     workers = get_num_threads()
     row_split, col_split = plan(rows, cols, workers)
-    a_size = _row_block(row_split) * min(KC, depth)
-    a_bufs, _ = _buffers(workers, a_size, 1)
+    a_bufs = _a_buffers(workers, depth)
     has_bias = bias is not None
     _gemm_tasks_packed(x, packed, bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
                        row_split, col_split, a_bufs, c_begin, c_end)

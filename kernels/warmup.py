@@ -12,14 +12,18 @@ exactly the signatures that later calls look up.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import numpy as np
 
+_log = logging.getLogger("vitnp")
 GROUPS = ("gemm", "attention", "layernorm", "blas_epilogues", "int8", "bf16")
 # The groups a layer's GEMM runs: a float32 Linear by its backend ("auto" may run either, and re-lays a weight
 # out between them), a QLinear by its precision.
@@ -40,11 +44,8 @@ def _warm_gemm():
     for epilogue in ("none", "gelu", "add"):
         layer(x, np.zeros((5, 40), np.float32), epilogue)
         unbiased(x, np.zeros((5, 40), np.float32), epilogue)
-    # Weights are packed at load straight from the checkpoint's read-only memory map (a type of its own).
-    mapped = _rand(40, 24)
-    mapped.setflags(write=False)
-    Linear(mapped, None, backend="numba")
-    # An auto layer laid out as (K, N) at load is packed from that layout when Numba is chosen for it.
+    # A (K, N) weight is packed from that layout: an auto layer that went BLAS when Numba is chosen for
+    # another batch size, and a float16 weight.
     from . import gemm
 
     gemm.pack_weight(_rand(24, 40))
@@ -135,8 +136,17 @@ def cold_groups(groups=GROUPS) -> list[str]:
     return cold
 
 
-# Rough share of a cold compile, to split the groups evenly between processes (measured on ViT kernels).
-_COST = {"gemm": 3.5, "attention": 3.5, "layernorm": 0.5, "blas_epilogues": 0.4, "int8": 5.0, "bf16": 5.0}
+# CPU seconds of each group's cold compile (Zen 5, AVX-512; AVX2 within 10%), to split the groups evenly
+# between processes.
+_COST = {"gemm": 5.0, "attention": 5.2, "layernorm": 1.0, "blas_epilogues": 1.6, "int8": 7.5, "bf16": 6.0}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def compile_groups(groups, processes=None, on_done=None) -> dict:
@@ -146,13 +156,13 @@ def compile_groups(groups, processes=None, on_done=None) -> dict:
     cold group finishes.  Returns {group: seconds}.  What a helper fails to do (say, the cache is not
     writable) is simply done here afterwards.
 
-    Helpers are fresh interpreters running this module (`python -m`), not multiprocessing children, so a
-    caller's unguarded script is never re-imported in them.
+    Helpers are fresh interpreters importing this module as this process did (see _HELPER), not
+    multiprocessing children, so a caller's unguarded script is never re-imported in them.
     """
     groups = list(groups)
     cold = sorted(cold_groups(groups), key=lambda g: -_COST[g])
     seconds = {}
-    shares = [[] for _ in range(max(1, min(len(cold), processes or os.cpu_count() or 1)))]
+    shares = [[] for _ in range(max(1, min(len(cold), processes or usable_cores())))]
     for group in cold:  # greedy: each group to the least loaded process; shares[0] is this process
         min(shares, key=lambda share: sum(_COST[g] for g in share)).append(group)
     lock = threading.Lock()
@@ -174,23 +184,39 @@ def compile_groups(groups, processes=None, on_done=None) -> dict:
     for group in groups:  # this process's share, and the warm groups (loaded from the cache)
         if group not in helper_groups:
             run_here(group, timed=group in cold)
-    for process, reader in helpers:
-        process.wait()
-        reader.join()
+    for helper in helpers:
+        _finish_helper(*helper)
     for group in groups:  # load what the helpers compiled, or compile here what they could not
         if group in helper_groups:
             run_here(group, timed=group not in seconds)
     return seconds
 
 
+# A helper imports this module exactly as this process did: the same sys.path (with the current directory made
+# absolute), not `python -m`'s, which puts the working directory first, where a source checkout's vitnp/
+# (without its kernels, which are installed from another directory) would shadow the installed package.  It runs
+# only these kernels, none of which uses np.linalg, so it skips Numba's import of SciPy's BLAS wrappers for it.
+_HELPER = ("import importlib, json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+           "sys.modules.setdefault('scipy.linalg', None); "
+           "sys.exit(importlib.import_module(sys.argv[2]).main(sys.argv[3:]))")
+
+
 def _start_helper(share, report):
+    from . import cachedir
     from .threads import get_num_threads
 
+    # The helper writes where this process reads: its cache root (this process's own when the user's is not
+    # writable).
+    env = {**os.environ, cachedir.ENV_VAR: cachedir.root_in_use()}
+    path = json.dumps([os.path.abspath(entry) if entry in ("", ".") else entry for entry in sys.path])
+    errors = tempfile.TemporaryFile("w+")  # a file: a chatty helper can never block on a full pipe
     try:
-        process = subprocess.Popen([sys.executable, "-m", __name__, "--threads", str(get_num_threads()), *share],
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                   text=True)
-    except OSError:
+        process = subprocess.Popen([sys.executable, "-c", _HELPER, path, __name__, "--threads",
+                                    str(get_num_threads()), *share], stdout=subprocess.PIPE, stderr=errors,
+                                   stdin=subprocess.DEVNULL, env=env, text=True)
+    except OSError as e:
+        errors.close()
+        _log.warning("vitnp: could not start a kernel-compiling helper process (%s); compiling here", e)
         return None
 
     def read():
@@ -201,7 +227,19 @@ def _start_helper(share, report):
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    return process, reader
+    return process, reader, errors
+
+
+def _finish_helper(process, reader, errors):
+    """Wait for a helper; a failed one is logged (its groups are then compiled here)."""
+    process.wait()
+    reader.join()
+    if process.returncode:
+        errors.seek(0)
+        last = (errors.read().strip().splitlines() or ["no message"])[-1]
+        _log.warning("vitnp: a kernel-compiling helper process failed (exit code %s: %s); compiling its "
+                     "groups here", process.returncode, last)
+    errors.close()
 
 
 def main(argv=None) -> int:

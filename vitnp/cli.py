@@ -1,4 +1,5 @@
-"""The `vitnp` command: `vitnp classify ...`, `vitnp serve ...` (each also `--ray`), `vitnp --version`.
+"""The `vitnp` command: `vitnp classify ...`, `vitnp serve ...` (each also `--ray`), `vitnp compile ...`,
+`vitnp --version`.
 
 This is the one module that reads argv: it parses every command line into the settings values of
 vitnp.options (ClassifyOptions, ServerOptions, holding EngineOptions, ServingOptions and RayOptions), which
@@ -19,6 +20,7 @@ from .postprocess import FUNCTIONS
 from .options import (
     BACKENDS,
     DEFAULT_MODEL,
+    ISAS,
     LOG_FORMATS,
     LOG_LEVELS,
     PRECISIONS,
@@ -31,6 +33,7 @@ from .options import (
 )
 
 DEFAULT_TOKEN_ENV = "VITNP_API_TOKEN"
+ISA_ENV_VAR = "VITNP_ISA"  # vitnp.kernels.isa.ENV_VAR (not imported: parsing a command line loads no kernels)
 PRECISION_HELP = ("weights in float32 (default: parity with transformers), bfloat16, or int8 with dynamic "
                   "activation quantisation (see docs/precision.md)")
 
@@ -200,6 +203,24 @@ def add_serve_parser(sub) -> None:
                         f"(default {server['max_connections']})")
 
 
+def add_compile_parser(sub) -> None:
+    p = sub.add_parser(
+        "compile", help="compile the kernels into the cache ahead of time (e.g. in an image build step)",
+        description="Compile the kernels a model runs with these options into the kernel cache (VITNP_CACHE_DIR, "
+                    "else XDG_CACHE_HOME/vitnp, else ~/.cache/vitnp), so the first classify or serve on this "
+                    "machine loads them instead of compiling; says what it compiled and where.")
+    p.add_argument("--model", "-m", metavar="MODEL",
+                   help="also load this model (Hub id, local directory or bundled:<name>) and run it once, which "
+                        "stores the auto backend's decisions for its shapes (default: kernels only)")
+    p.add_argument("--revision", help="Hub revision of --model")
+    p.add_argument("--precision", choices=PRECISIONS, default=EngineOptions.precision, help=PRECISION_HELP)
+    p.add_argument("--backend", choices=BACKENDS, default=EngineOptions.backend, help="GEMM backend")
+    p.add_argument("--isa", choices=ISAS, default=EngineOptions.isa,
+                   help="the kernels' instruction set (default auto: the widest this CPU runs; a narrower one "
+                        "builds what a CPU of that class runs, as VITNP_ISA does)")
+    p.add_argument("--threads", type=positive_int, help="compute threads (default: NUMBA_NUM_THREADS or all cores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitnp", description="ViT / DeiT image classification in NumPy + Numba.")
     parser.add_argument("--version", action=VersionAction, nargs=0,
@@ -208,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     add_classify_parser(sub)
     add_serve_parser(sub)
+    add_compile_parser(sub)
     return parser
 
 
@@ -260,11 +282,20 @@ def resolve_token(token_env: str | None) -> str | None:
     return os.environ.get(DEFAULT_TOKEN_ENV) or None
 
 
-def command_options(args: argparse.Namespace) -> ClassifyOptions | ServerOptions:
+def compile_options(args: argparse.Namespace):
+    from .compile import CompileOptions
+
+    return CompileOptions(model=args.model, revision=args.revision,
+                          engine=EngineOptions(args.backend, args.precision, args.threads, args.isa))
+
+
+def command_options(args: argparse.Namespace):
+    if args.command == "compile":
+        return compile_options(args)
     return server_options(args) if args.command == "serve" else classify_options(args)
 
 
-def parse_command(argv: list[str]) -> ClassifyOptions | ServerOptions:
+def parse_command(argv: list[str]):
     """A command line (without the program name) -> its settings value. Usage errors exit as argparse does;
     a value or combination that makes no sense raises ParameterError."""
     return command_options(build_parser().parse_args(argv))
@@ -321,7 +352,14 @@ def skip_numba_scipy_probe() -> None:
         sys.modules["scipy.linalg"] = None
 
 
-def run(command: ClassifyOptions | ServerOptions) -> int:
+def run(command) -> int:
+    from .compile import CompileOptions
+
+    if isinstance(command, CompileOptions):
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        from .compile import run_compile
+
+        return run_compile(command)
     if isinstance(command, ServerOptions):
         from .logs import configure
 
@@ -345,14 +383,16 @@ def run(command: ClassifyOptions | ServerOptions) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--ray" not in argv and argv[:1] in (["classify"], ["serve"]):
+    if "--ray" not in argv and argv[:1] in (["classify"], ["serve"], ["compile"]):
         skip_numba_scipy_probe()
     args = build_parser().parse_args(argv)  # --help / --version / usage errors need no engine
+    if args.command == "compile" and args.isa != "auto":
+        os.environ[ISA_ENV_VAR] = args.isa  # before the kernels load (isa_error loads them): built for it
     error = isa_error()
     if error:
         print(f"vitnp: {error}", file=sys.stderr)
         return 2
-    prefix = "vitnp serve" if args.command == "serve" else "vitnp"
+    prefix = {"serve": "vitnp serve", "compile": "vitnp compile"}.get(args.command, "vitnp")
     try:
         command = command_options(args)
     except ParameterError as e:
