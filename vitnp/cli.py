@@ -33,7 +33,6 @@ from .options import (
 )
 
 DEFAULT_TOKEN_ENV = "VITNP_API_TOKEN"
-ISA_ENV_VAR = "VITNP_ISA"  # vitnp.kernels.isa.ENV_VAR (not imported: parsing a command line loads no kernels)
 PRECISION_HELP = ("weights in float32 (default: parity with transformers), bfloat16, or int8 with dynamic "
                   "activation quantisation (see docs/precision.md)")
 
@@ -387,7 +386,13 @@ def main(argv: list[str] | None = None) -> int:
         skip_numba_scipy_probe()
     args = build_parser().parse_args(argv)  # --help / --version / usage errors need no engine
     if args.command == "compile" and args.isa != "auto":
-        os.environ[ISA_ENV_VAR] = args.isa  # before the kernels load (isa_error loads them): built for it
+        from .classifier import use_isa
+
+        try:
+            use_isa(args.isa)  # before isa_error loads the kernels: they are built for it
+        except ParameterError as e:
+            print(f"vitnp compile: {e}", file=sys.stderr)
+            return 2
     error = isa_error()
     if error:
         print(f"vitnp: {error}", file=sys.stderr)
