@@ -175,8 +175,8 @@ class AutoPrecision:
     """The "auto" backend of one reduced-precision layer: per row count, whether its own kernel or the float32
     GEMM is the faster path on this CPU (decided per (kind, rows, K, N) as above; QLinear acts on it)."""
 
-    def __init__(self, precision, kind, in_features, out_features):
-        self.precision, self.kind = precision, kind
+    def __init__(self, kind, in_features, out_features):
+        self.kind = kind
         self.in_features, self.out_features = in_features, out_features
 
     def path_for(self, layer, rows):
@@ -223,6 +223,7 @@ def path_round(layer, key):
     followed by itself (in a reduced-precision model the next projection is a reduced one too)."""
     _, rows, k, n = key
     weight = np.random.default_rng(0).standard_normal((n, k), dtype=np.float32)
+    weight.setflags(write=False)  # read-only, as a checkpoint's mapped tensors are: the signatures loading compiles
     candidates = layer.race_candidates(weight)  # {precision: run(x, out), FLOAT32: run(x, out)}
     del weight
     return in_context_round(candidates, candidates[layer.precision], rows, k, n)

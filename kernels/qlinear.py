@@ -75,7 +75,7 @@ class QLinear:
         self.kind = packed.kind
         self.out_features, self.in_features = packed.out_features, packed.in_features
         self.backend = backend
-        self.auto = (autotune.AutoPrecision(precision, self.kind, self.in_features, self.out_features)
+        self.auto = (autotune.AutoPrecision(self.kind, self.in_features, self.out_features)
                      if backend == "auto" else None)
         # a column range starts on a whole panel, of either path's weight when the layer may switch
         self.column_step = qgemm.NR if self.auto is None else math.lcm(qgemm.NR, Linear.column_step)
