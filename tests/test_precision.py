@@ -403,7 +403,8 @@ def test_a_reduced_kernel_slower_than_float32_is_replaced_and_reported(precision
     partial = np.zeros((rows, n), np.float32)
     later(x, partial, columns=(later.column_step, n))
     assert later.path == "fp32"
-    np.testing.assert_array_equal(partial[:, later.column_step:], out[:, later.column_step:])
+    # (the float32 backend may differ from the first layer's, and BLAS rounds a column slice its own way)
+    np.testing.assert_allclose(partial[:, later.column_step:], out[:, later.column_step:], rtol=1e-5, atol=1e-5)
     assert not partial[:, :later.column_step].any()
 
     # An explicit backend gets exactly the reduced kernel it asked for.
