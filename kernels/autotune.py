@@ -1,13 +1,19 @@
-"""The "auto" backend: which GEMM backend (Numba or BLAS) a float32 Linear layer runs, per input shape.
+"""The "auto" backend's in-context timing: which path a layer runs, per input shape.
 
-Each (rows, K, N) is decided once per process and shared by every layer of that shape (the twelve blocks of a ViT
-have identical shapes, so timing once per shape is enough and keeps every layer on the same choice): from this
-machine's stored decisions (autotune_store) when it has one, else by timing both backends as they run in a forward
-pass.  A decision the timed rounds agree on is stored for later processes.  An auto layer's weight follows the
-decisions in the layout the chosen backend reads fastest, until BLAS is chosen once (see AutoBackend).
+Two races, decided the same way:
+  * a float32 Linear: the Numba GEMM or BLAS (AutoBackend);
+  * a reduced-precision QLinear: its int8 / bf16 kernel, or the float32 GEMM where that is faster on this CPU
+    (AutoPrecision; the rule for when a layer may switch is in vitnp.layers).
+Each (rows, K, N) -- for a QLinear, (kernel kind, rows, K, N) -- is decided once per process and shared by every
+layer of that shape (the twelve blocks of a ViT have identical shapes, so timing once per shape is enough and keeps
+every layer on the same choice): from this machine's stored decisions (autotune_store) when it has one, else by
+timing the candidates as they run in a forward pass.  A decision the timed rounds agree on is stored for later
+processes.  An auto layer's weight follows the decisions in the layout the chosen backend reads fastest, until
+BLAS is chosen once (see AutoBackend).
 
-The layer is used through its public face only: in_features, out_features, bias, run(backend, x, out, epilogue),
-laid_out_for(backend), lay_out_for(backend), and its class called as cls(weight, bias, backend=...).
+The layers are used through their public face only: in_features, out_features, bias, run(backend, x, out,
+epilogue), laid_out_for(backend), lay_out_for(backend), and the class called as cls(weight, bias, backend=...)
+for a Linear; precision, kind, in_features, out_features and race_candidates(weight) for a QLinear.
 """
 import os
 import threading
@@ -36,10 +42,16 @@ AUTO_SETTLE_SECONDS = 0.3
 AUTO_CONFIRM_PAUSE_SECONDS = 0.5
 AUTO_CONFIRM_MIN_SECONDS = 1e-3
 
+FLOAT32 = "fp32"  # the path a reduced-precision layer may take instead of its own kernel
+
 # (rows, K, N) -> "numba" | "blas", and -> {backend: best seconds}: this process's decisions.
 _auto_choice = {}
 _auto_timings = {}
 _auto_lock = threading.Lock()
+# (kind, rows, K, N) -> the layer's precision | FLOAT32, and -> {path: best seconds}: the same for QLinear.
+_path_choice = {}
+_path_timings = {}
+_path_lock = threading.Lock()
 
 
 def settle(limit=AUTO_SETTLE_SECONDS):
@@ -66,30 +78,31 @@ def settle(limit=AUTO_SETTLE_SECONDS):
         time.sleep(0.001)
 
 
-def choose(timed_round, pause=AUTO_CONFIRM_PAUSE_SECONDS):
-    """Run AUTO_ROUNDS timed rounds (timed_round() -> {backend: [seconds, ...]}), and one more after `pause`
-    seconds when they agree on BLAS for a shape Numba takes at least AUTO_CONFIRM_MIN_SECONDS on; returns
-    decide() of all of them."""
+def choose(timed_round, pause=AUTO_CONFIRM_PAUSE_SECONDS, usual="numba"):
+    """Run AUTO_ROUNDS timed rounds (timed_round() -> {candidate: [seconds, ...]}), and one more after `pause`
+    seconds when they agree on another candidate than the `usual` one (Numba; for a QLinear its own kernel) for
+    a shape the usual one takes at least AUTO_CONFIRM_MIN_SECONDS on; returns decide() of all of them."""
     rounds = [timed_round() for _ in range(AUTO_ROUNDS)]
-    choice, best, consistent = decide(rounds)
-    if choice == "blas" and consistent and best["numba"] >= AUTO_CONFIRM_MIN_SECONDS:
+    choice, best, consistent = decide(rounds, usual)
+    if choice != usual and consistent and best[usual] >= AUTO_CONFIRM_MIN_SECONDS:
         time.sleep(pause)
         rounds.append(timed_round())
-        choice, best, consistent = decide(rounds)
+        choice, best, consistent = decide(rounds, usual)
     return choice, best, consistent
 
 
-def decide(rounds):
-    """Timed rounds [{backend: [seconds, ...]}, ...] -> (choice, {backend: best seconds}, consistent).
+def decide(rounds, usual="numba"):
+    """Timed rounds [{candidate: [seconds, ...]}, ...] -> (choice, {candidate: best seconds}, consistent).
 
-    The choice is the backend with the fastest call over all rounds.  It is consistent when every round,
-    on its own, picks the same backend: another process that ran through one round's block (a preempted
-    thread stalls a whole Numba parallel region) makes the rounds disagree, and such a decision is used by
-    this process but not stored, so the next process times again instead of keeping a 2x slower backend.
+    The choice is the candidate with the fastest call over all rounds (on a tie, the `usual` one).  It is
+    consistent when every round, on its own, picks the same candidate: another process that ran through one
+    round's block (a preempted thread stalls a whole Numba parallel region) makes the rounds disagree, and such
+    a decision is used by this process but not stored, so the next process times again instead of keeping a 2x
+    slower path.
     """
     best = {name: min(t for times in rounds for t in times[name]) for name in rounds[0]}
     winners = {min(times, key=lambda name: min(times[name])) for times in rounds}
-    choice = "blas" if best["blas"] < best["numba"] else "numba"
+    choice = min(best, key=lambda name: (best[name], name != usual))
     return choice, best, len(winners) == 1
 
 
@@ -105,6 +118,16 @@ def decisions(in_features, out_features):
         if (k, n) == (in_features, out_features):
             timing = _auto_timings.get((rows, k, n), {})
             shapes[rows] = {"backend": choice, **{f"{name}_ms": round(t * 1e3, 3) for name, t in timing.items()}}
+    return shapes
+
+
+def path_decisions(kind, in_features, out_features):
+    """{rows: {"path": choice, "<path>_ms": best time, ...}} decided so far for this kernel kind and (K, N)."""
+    shapes = {}
+    for (k_kind, rows, k, n), choice in sorted(_path_choice.items()):
+        if (k_kind, k, n) == (kind, in_features, out_features):
+            timing = _path_timings.get((kind, rows, k, n), {})
+            shapes[rows] = {"path": choice, **{f"{name}_ms": round(t * 1e3, 3) for name, t in timing.items()}}
     return shapes
 
 
@@ -148,9 +171,29 @@ class AutoBackend:
             self.settled = choice == "blas"
 
 
+class AutoPrecision:
+    """The "auto" backend of one reduced-precision layer: per row count, whether its own kernel or the float32
+    GEMM is the faster path on this CPU (decided per (kind, rows, K, N) as above; QLinear acts on it)."""
+
+    def __init__(self, kind, in_features, out_features):
+        self.kind = kind
+        self.in_features, self.out_features = in_features, out_features
+
+    def path_for(self, layer, rows):
+        """`layer.precision` or FLOAT32: the faster path for an input of `rows` rows (decided on first use)."""
+        key = (self.kind, int(rows), self.in_features, self.out_features)
+        choice = _path_choice.get(key)
+        if choice is None:
+            with _path_lock:
+                choice = _path_choice.get(key)
+                if choice is None:
+                    choice = _stored_or_timed_path(layer, key)
+        return choice
+
+
 def _stored_or_timed_choice(layer, key):
     machine = machine_key()
-    stored = autotune_store.load(machine, key)
+    stored = autotune_store.load(machine, key, ("numba", "blas"))
     if stored is not None:
         _auto_choice[key], _auto_timings[key] = stored
         return stored[0]
@@ -160,49 +203,68 @@ def _stored_or_timed_choice(layer, key):
     return choice
 
 
-def _time_backends(layer, key):
-    """Time both backends on a synthetic weight of the layer's shape (and its bias), each in the layout it would
-    use (the layer's own weight is in only one of them), and each as it runs in a forward pass: between Numba
-    parallel regions, the LayerNorm before it and a Numba GEMM of the same shape after it.
+def _stored_or_timed_path(layer, key):
+    machine = machine_key()
+    paths = (layer.precision, FLOAT32)
+    stored = autotune_store.load(machine, key, paths)
+    if stored is not None:
+        _path_choice[key], _path_timings[key] = stored
+        return stored[0]
+    choice, best, consistent = choose(path_round(layer, key), usual=layer.precision)
+    _path_timings[key], _path_choice[key] = best, choice
+    if consistent:
+        autotune_store.save(machine, key, choice, best)
+    return choice
+
+
+def path_round(layer, key):
+    """timed_round() for choose(): the reduced-precision layer's kernel against the float32 GEMM (each built by
+    layer.race_candidates on a synthetic weight of the layer's shape), in context, the reduced kernel first and
+    followed by itself (in a reduced-precision model the next projection is a reduced one too)."""
+    _, rows, k, n = key
+    weight = np.random.default_rng(0).standard_normal((n, k), dtype=np.float32)
+    weight.setflags(write=False)  # read-only, as a checkpoint's mapped tensors are: the signatures loading compiles
+    candidates = layer.race_candidates(weight)  # {precision: run(x, out), FLOAT32: run(x, out)}
+    del weight
+    return in_context_round(candidates, candidates[layer.precision], rows, k, n)
+
+
+def in_context_round(candidates, follower, rows, k, n):
+    """A timed_round() for choose(): each candidate (name -> run(x, out), in order) as it runs in a forward pass:
+    between Numba parallel regions, the LayerNorm before it and `follower` (a GEMM of the same shape) after it.
 
     Numba's OpenMP pool and OpenBLAS's pool each spin for a while after their work (OpenBLAS ~60 ms by
     default, unless OPENBLAS_THREAD_TIMEOUT was set before numpy loaded), and a spinning pool takes
     cores from the kernels that follow.  So what a BLAS call costs in a forward pass includes the slowdown
-    of the Numba kernels after it; the same-shape Numba GEMM after each candidate puts that in the
-    candidate's time.  In each of AUTO_ROUNDS rounds both are timed once the pools are idle, numba's first,
-    so BLAS's after-effects never land in numba's time (and a BLAS win may be timed once more: see choose).
-    The faster in context is chosen, on any CPU and ISA; returns (choice, whether the rounds agreed: see
-    decide).
+    of the Numba kernels after it; the follower after each candidate puts that in the candidate's time.  Each
+    round times the candidates once the pools are idle, in their order, so a BLAS candidate placed last never
+    puts its after-effects in another's time (and a win by another than the usual one may be timed once more:
+    see choose).  Each candidate runs once here first (compile / warm up).
     """
-    rows, k, n = key
     rng = np.random.default_rng(0)
     x = rng.standard_normal((rows, k), dtype=np.float32)
     out = np.empty((rows, n), np.float32)
     after = np.empty_like(out)
-    weight = rng.standard_normal((n, k), dtype=np.float32)
-    # this order: see settle() below
-    candidates = {name: type(layer)(weight, layer.bias, backend=name) for name in ("numba", "blas")}
-    del weight
     normed = np.empty_like(x)
     gamma, beta = np.ones(k, np.float32), np.zeros(k, np.float32)
 
     def in_context(name):
         layernorm(x, gamma, beta, 1e-6, normed)
-        candidates[name].run(name, normed, out, "none")
-        candidates["numba"].run("numba", normed, after, "none")
+        candidates[name](normed, out)
+        follower(normed, after)
 
     for name in candidates:
-        in_context(name)  # compile / warm up
+        in_context(name)
 
     def timed_round():
         # Start on idle cores: the warm-up, the last round, or the caller's own BLAS calls may still have
-        # a pool spinning (settle waits for it).  Once per round serves both blocks: numba's comes first and
-        # makes no BLAS call, so the BLAS block too starts with OpenBLAS's pool idle; Numba's pool spins
-        # only a few milliseconds, and every BLAS repetition follows Numba kernels anyway (the same-shape
-        # GEMM that closes the one before), as in a forward pass.
+        # a pool spinning (settle waits for it).  Once per round serves every block: the first makes no BLAS
+        # call, so the BLAS block too starts with OpenBLAS's pool idle; Numba's pool spins only a few
+        # milliseconds, and every BLAS repetition follows Numba kernels anyway (the same-shape GEMM that closes
+        # the one before), as in a forward pass.
         settle()
         times = {}
-        for name in candidates:  # numba, then blas
+        for name in candidates:
             times[name] = []
             for _ in range(AUTO_REPEATS):
                 start = time.perf_counter()
@@ -210,7 +272,20 @@ def _time_backends(layer, key):
                 times[name].append(time.perf_counter() - start)
         return times
 
-    choice, best, consistent = choose(timed_round)
+    return timed_round
+
+
+def _time_backends(layer, key):
+    """Time both backends on a synthetic weight of the layer's shape (and its bias), each in the layout it would
+    use (the layer's own weight is in only one of them), in context (in_context_round), numba's first, each
+    followed by a Numba GEMM of the same shape.  The faster in context is chosen, on any CPU and ISA; returns
+    (choice, whether the rounds agreed: see decide)."""
+    rows, k, n = key
+    weight = np.random.default_rng(0).standard_normal((n, k), dtype=np.float32)
+    layers = {name: type(layer)(weight, layer.bias, backend=name) for name in ("numba", "blas")}
+    del weight
+    candidates = {name: (lambda x, out, name=name: layers[name].run(name, x, out, "none")) for name in layers}
+    choice, best, consistent = choose(in_context_round(candidates, candidates["numba"], rows, k, n))
     _auto_timings[key] = best
     _auto_choice[key] = choice
     return choice, consistent

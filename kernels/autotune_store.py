@@ -1,5 +1,8 @@
 """On-disk memory of the "auto" backend's per-shape decisions, so only a machine's first process pays the timing.
 
+A float32 layer's decision (Numba or BLAS) is filed under its shape "rows x K x N"; a reduced-precision layer's
+(its own kernel or float32) under "kind:rows x K x N", kind naming the int8 / bf16 kernel it races.
+
 A decision is valid only for the machine and set-up it was measured on, so it is filed under a key naming the CPU,
 the ISA the kernels were built for, the thread count, the BLAS build numpy uses and the pool-wait settings. The file lives in the kernels' cache
 directory (cachedir.cache_root()); delete it to time again. Any I/O problem just means timing
@@ -49,6 +52,9 @@ def machine_key(threads, isa):
 
 
 def _shape_key(shape):
+    """(rows, K, N) -> "RxKxN"; (kind, rows, K, N) -> "kind:RxKxN"."""
+    if isinstance(shape[0], str):
+        return f"{shape[0]}:" + "x".join(map(str, shape[1:]))
     return "x".join(map(str, shape))
 
 
@@ -70,16 +76,17 @@ def _read():
 
 
 def choices_for(machine, k, n):
-    """The set of backends stored for this machine and any (rows, k, n)."""
+    """The set of float32 backends stored for this machine and any (rows, k, n)."""
     suffix = f"x{k}x{n}"
     return {entry.get("backend") for shape, entry in _read().get(machine, {}).items()
-            if shape.endswith(suffix) and shape.count("x") == 2 and isinstance(entry, dict)}
+            if shape.endswith(suffix) and shape.count("x") == 2 and ":" not in shape and isinstance(entry, dict)}
 
 
-def load(machine, shape):
-    """(choice, {backend: seconds}) stored for this machine and (rows, K, N), or None."""
+def load(machine, shape, choices):
+    """(choice, {candidate: seconds}) stored for this machine and shape (see _shape_key), or None; a stored
+    choice not among `choices` counts as none."""
     entry = _read().get(machine, {}).get(_shape_key(shape))
-    if not isinstance(entry, dict) or entry.get("backend") not in ("numba", "blas"):
+    if not isinstance(entry, dict) or entry.get("backend") not in choices:
         return None
     timings = entry.get("seconds") if isinstance(entry.get("seconds"), dict) else {}
     return entry["backend"], timings

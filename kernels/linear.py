@@ -106,6 +106,13 @@ class Linear:
         """The one weight-sized array the layer holds (layout: `weight_layout`)."""
         return self._weight[1]
 
+    def dense_weight(self):
+        """The (N, K) float32 weight, as a new array (for tests and diagnostics)."""
+        layout, array = self._weight
+        if layout == PANELS:
+            array = _gemm.unpack_weight(array, self.in_features, self.out_features)
+        return np.ascontiguousarray(array.T)
+
     def _run_blas(self, weight_t, x, out, epilogue, columns=None):
         has_bias = self.bias is not None
         bias = self.bias if has_bias else _gemm.NO_BIAS

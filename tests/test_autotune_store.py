@@ -118,3 +118,30 @@ def test_machine_key_names_numpys_blas_only():
               "import scipy.linalg; print(before == s.machine_key(2, 'avx2'))")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "True"
+
+
+def test_reduced_precision_decisions_are_filed_apart_from_the_float32_ones(tmp_path, monkeypatch):
+    """A QLinear's decision (its kernel or float32) lives in the same store under "kind:RxKxN": it never reads as
+    a float32 layer's backend, nor the other way round."""
+    from vitnp.kernels import autotune_store
+
+    monkeypatch.setenv("VITNP_CACHE_DIR", str(tmp_path))
+    machine = autotune.machine_key()
+    autotune_store.save(machine, ("dpbf16", 197, 768, 768), "fp32", {"bf16": 0.002, "fp32": 0.001})
+    autotune_store.save(machine, (197, 768, 768), "numba", {"numba": 0.001, "blas": 0.002})
+    stored = json.loads((tmp_path / "gemm-auto.json").read_text())[machine]
+    assert set(stored) == {"dpbf16:197x768x768", "197x768x768"}
+    assert autotune_store.choices_for(machine, 768, 768) == {"numba"}
+    assert autotune_store.load(machine, ("dpbf16", 197, 768, 768), ("bf16", "fp32"))[0] == "fp32"
+    assert autotune_store.load(machine, ("widen", 197, 768, 768), ("bf16", "fp32")) is None
+    assert autotune_store.load(machine, (197, 768, 768), ("numba", "blas"))[0] == "numba"
+
+
+def test_a_win_away_from_the_usual_candidate_is_confirmed():
+    """The same chooser decides a reduced-precision layer's path, its own kernel being the usual candidate."""
+    slow_bf16 = {"bf16": [0.0030, 0.0031, 0.0030], "fp32": [0.0020, 0.0021, 0.0020]}
+    script = [slow_bf16, slow_bf16, slow_bf16]
+    assert autotune.choose(lambda: script.pop(0), pause=0.0, usual="bf16")[::2] == ("fp32", True)
+    assert script == [], "a float32 win over a kernel taking >= AUTO_CONFIRM_MIN_SECONDS is timed a third time"
+    tie = {"bf16": [0.002], "fp32": [0.002]}
+    assert autotune.decide([tie, tie], usual="bf16")[0] == "bf16"

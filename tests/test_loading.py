@@ -253,7 +253,7 @@ def test_each_layer_is_float32_or_reduced_as_its_precision_says(tiny_deit_distil
     from vitnp.kernels import Linear
     from vitnp.kernels.qlinear import QLinear
 
-    clf = vitnp.load(tiny_deit_distilled, precision=precision, backend="numba" if precision != "int8" else "auto")
+    clf = vitnp.load(tiny_deit_distilled, precision=precision, backend="numba")
     w = clf.weights
     encoder = [layer for block in w.layers for layer in (block.qkv, block.attn_out, block.fc1, block.fc2)]
     for layer in [w.patch_embed, *encoder, *w.heads]:
@@ -262,6 +262,7 @@ def test_each_layer_is_float32_or_reduced_as_its_precision_says(tiny_deit_distil
             assert isinstance(layer, Linear) and layer.backend == "numba", layer
         else:
             assert isinstance(layer, QLinear) and layer.precision == precision, layer
+            assert layer.backend == "numba", "an explicit backend: the reduced kernel, never float32"
     assert len(w.heads) == 2 and w.layers[0].qkv.out_features == 3 * clf.config.hidden_size
 
 
@@ -288,9 +289,18 @@ def test_load_refuses_options_and_the_same_settings_as_keywords(tiny_vit, kwargs
         vitnp.load(tiny_vit, options=EngineOptions(), **kwargs)
 
 
-def test_a_backend_has_no_say_under_int8(tiny_vit):
-    with pytest.raises(vitnp.ParameterError, match="backend 'numba' has no effect with precision 'int8'"):
-        vitnp.load(tiny_vit, backend="numba", precision="int8")
+def test_under_int8_the_backend_says_whether_a_layer_may_run_float32(tiny_vit):
+    """No layer is float32 under int8: "blas" would choose nothing; "numba" keeps every layer on the int8 kernel,
+    "auto" lets each run float32 where that is faster (vitnp.layers)."""
+    from vitnp.options import EngineOptions
+
+    with pytest.raises(vitnp.ParameterError, match="backend 'blas' has no effect with precision 'int8'"):
+        vitnp.load(tiny_vit, backend="blas", precision="int8")
+    for backend in ("numba", "auto"):
+        layer = vitnp.load(tiny_vit, backend=backend, precision="int8").weights.layers[0].fc1
+        assert (layer.precision, layer.backend) == ("int8", backend)
+    # weights shared read-only between processes never move to float32
+    assert EngineOptions(precision="int8").with_fixed_layout() == EngineOptions("numba", "int8")
 
 
 def test_isa_option_must_match_the_kernels_already_loaded(tiny_vit):

@@ -296,7 +296,7 @@ VARIANT_SCRIPT = textwrap.dedent("""
         loop = t.kernel_loop_asm(kind)
         t.check_loop(loop, kind)
         report[kind + "_loop"] = loop
-    clf = vitnp.load({model!r}, precision="int8")
+    clf = vitnp.load({model!r}, precision="int8", backend="numba")  # the int8 kernels, never float32
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     report["logits_int8"] = clf.logits(x).tolist()
     print("REPORT" + json.dumps(report))
@@ -331,10 +331,148 @@ def test_kernel_variants_in_subprocess(env, expect_isa, expect_int8, expect_bf16
         assert "pmaddwd" in report["madd_loop"] and "zmm" not in report["madd_loop"]
         assert "zmm" not in report["widen_loop"]
     # the integer math is the same everywhere; only the float32 parts (LayerNorm, attention) differ by ISA
-    here = vitnp.load(tiny_vit, precision="int8").logits(
+    here = vitnp.load(tiny_vit, precision="int8", backend="numba").logits(
         np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
     theirs = np.array(report["logits_int8"], np.float32)
     assert np.abs(theirs - here).max() <= 1e-3 * max(1.0, np.abs(here).max())
+
+
+# -- never slower than float32 (backend "auto") ---------------------------------------------------------------
+
+
+def reference_weight(w, precision):
+    """The weight a reduced-precision layer multiplies by, from the documented quantisation (float64)."""
+    if precision == "bf16":
+        return ref_bf16(w)
+    q, scale = ref_quantize_weight(w)
+    return q.astype(np.float64) * scale[:, None]
+
+
+def scripted_paths(monkeypatch, winner):
+    """Replace the timing of reduced kernel against float32 by rounds in which `winner` ("fp32" or "reduced") is
+    twice as fast (short enough that a float32 win needs no confirming round): the rest of the chooser is real."""
+    from vitnp.kernels import autotune
+
+    def path_round(layer, key):
+        fast, slow = [0.0002] * 3, [0.0004] * 3
+        reduced, float32 = (slow, fast) if winner == "fp32" else (fast, slow)
+        return lambda: {layer.precision: list(reduced), "fp32": list(float32)}
+    monkeypatch.setattr(autotune, "path_round", path_round)
+
+
+def no_timing(monkeypatch):
+    from vitnp.kernels import autotune
+
+    def path_round(layer, key):
+        raise AssertionError(f"timed {key} although the store has its decision")
+    monkeypatch.setattr(autotune, "path_round", path_round)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_a_reduced_kernel_slower_than_float32_is_replaced_and_reported(precision, tmp_path, monkeypatch):
+    from vitnp.kernels import autotune
+
+    monkeypatch.setenv("VITNP_CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(5)
+    rows, k, n = 29, 72, 3 * 64 + 16  # a shape no other test uses: nothing decided in this process yet
+    w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    kernel_out = QLinear(w, b, precision, backend="numba")(x, np.empty((rows, n), np.float32))
+
+    scripted_paths(monkeypatch, "fp32")
+    layer = QLinear(w, b, precision, backend="auto")
+    kind = layer.kind
+    assert layer.path == precision, "nothing is decided before the first call"
+    out = layer(x, np.empty((rows, n), np.float32))
+    assert layer.path == "fp32" and layer.packed is None, "one weight held: the float32 one"
+    # the float32 path multiplies by the same reduced weight, with float32 activations: no less accurate
+    np.testing.assert_allclose(out, x.astype(np.float64) @ reference_weight(w, precision).T + b, rtol=1e-5,
+                               atol=1e-5)
+    assert np.abs(out - exact).max() <= np.abs(kernel_out - exact).max()
+    report = layer.report()
+    assert report["path"] == "fp32" and report["backend"] == "auto" and report["weight_bytes"] >= 4 * n * k
+    assert report["path_choices"][rows] == {"path": "fp32", f"{precision}_ms": 0.4, "fp32_ms": 0.2}
+    stored = json.loads((tmp_path / "gemm-auto.json").read_text())
+    (machine, shapes), = stored.items()
+    assert shapes[f"{kind}:{rows}x{k}x{n}"] == {"backend": "fp32", "seconds": {precision: 0.0004, "fp32": 0.0002}}
+
+    # A later process takes the stored decision without timing; a column range still works after the move.
+    monkeypatch.delitem(autotune._path_choice, (kind, rows, k, n))
+    no_timing(monkeypatch)
+    later = QLinear(w, b, precision, backend="auto")
+    partial = np.zeros((rows, n), np.float32)
+    later(x, partial, columns=(later.column_step, n))
+    assert later.path == "fp32"
+    # (the float32 backend may differ from the first layer's, and BLAS rounds a column slice its own way)
+    np.testing.assert_allclose(partial[:, later.column_step:], out[:, later.column_step:], rtol=1e-5, atol=1e-5)
+    assert not partial[:, :later.column_step].any()
+
+    # An explicit backend gets exactly the reduced kernel it asked for.
+    fixed = QLinear(w, b, precision, backend="numba")
+    np.testing.assert_array_equal(fixed(x, np.empty((rows, n), np.float32)), kernel_out)
+    assert fixed.path == precision and "path_choices" not in fixed.report()
+
+
+def test_a_reduced_kernel_that_wins_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITNP_CACHE_DIR", str(tmp_path))
+    scripted_paths(monkeypatch, "reduced")
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((80, 40)).astype(np.float32)
+    x = rng.standard_normal((31, 40)).astype(np.float32)
+    layer = QLinear(w, None, "bf16", backend="auto")
+    out = layer(x, np.empty((31, 80), np.float32))
+    np.testing.assert_array_equal(out, QLinear(w, None, "bf16")(x, np.empty((31, 80), np.float32)))
+    assert layer.path == "bf16" and layer.report()["path_choices"][31]["path"] == "bf16"
+    stored = json.loads((tmp_path / "gemm-auto.json").read_text())
+    assert next(iter(stored.values()))[f"{layer.kind}:31x40x80"]["backend"] == "bf16"
+
+
+def test_the_measured_faster_path_is_chosen(tmp_path, monkeypatch):
+    """Real timing (no script): the stored choice is the faster of the two measured, and the layer follows it."""
+    from vitnp.kernels import autotune
+
+    monkeypatch.setenv("VITNP_CACHE_DIR", str(tmp_path))
+    rng = np.random.default_rng(7)
+    rows, k, n = 97, 384, 512
+    w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    store = tmp_path / "gemm-auto.json"
+    for _ in range(5):
+        layer = QLinear(w, None, "bf16", backend="auto")
+        out = layer(x, np.empty((rows, n), np.float32))
+        if store.exists() and any(":" in shape for shape in next(iter(json.loads(store.read_text()).values()))):
+            break
+        monkeypatch.delitem(autotune._path_choice, (layer.kind, rows, k, n))  # the rounds disagreed: time again
+    shapes = next(iter(json.loads(store.read_text()).values()))
+    timed = shapes[f"{layer.kind}:{rows}x{k}x{n}"]
+    assert set(timed["seconds"]) == {"bf16", "fp32"}
+    assert timed["backend"] == min(timed["seconds"], key=timed["seconds"].get) == layer.path
+    np.testing.assert_allclose(out, x @ ref_bf16(w).T, rtol=2e-2, atol=2e-2)
+
+
+def test_a_model_reports_the_paths_its_layers_took(tiny_deit_distilled, tmp_path, monkeypatch):
+    monkeypatch.setenv("VITNP_CACHE_DIR", str(tmp_path))
+    from vitnp.kernels import autotune
+
+    monkeypatch.setattr(autotune, "_path_choice", {})  # forget what earlier tests decided for these shapes
+    monkeypatch.setattr(autotune, "_path_timings", {})
+    scripted_paths(monkeypatch, "fp32")
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    guarded = vitnp.load(tiny_deit_distilled, precision="bf16")
+    fixed = vitnp.load(tiny_deit_distilled, precision="bf16", backend="numba")
+    reference = vitnp.load(tiny_deit_distilled).logits(x)
+    assert guarded.backend_report()["paths"]["fc1"] == {"bf16": 2}, "nothing decided before the first call"
+    logits = guarded.logits(x)
+    report = guarded.backend_report()
+    blocks = guarded.config.num_hidden_layers
+    assert report["paths"] == {"patch_embed": {"fp32": 1}, "head": {"fp32": 2},
+                               **{role: {"fp32": blocks} for role in ("qkv", "attn_out", "fc1", "fc2")}}
+    assert report["layers"]["fc1"]["path"] == "fp32" and report["layers"]["fc1"]["path_choices"]
+    fixed_logits = fixed.logits(x)
+    assert fixed.backend_report()["paths"]["fc1"] == {"bf16": blocks}
+    assert np.abs(logits - reference).max() <= np.abs(fixed_logits - reference).max()
 
 
 # -- the public API -------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_kernel_groups_cover_the_layers_a_model_is_built_with(tiny_deit_distille
     from vitnp.options import EngineOptions
 
     for backend, precision in [("numba", "fp32"), ("auto", "fp32"), ("blas", "fp32"), ("blas", "bf16"),
-                               ("auto", "int8")]:
+                               ("auto", "int8"), ("numba", "int8")]:
         options = EngineOptions(backend=backend, precision=precision)
         groups = kernel_groups(options)
         assert set(groups) <= set(warmup.GROUPS) and {"attention", "layernorm"} <= set(groups)
@@ -69,4 +69,6 @@ def test_kernel_groups_cover_the_layers_a_model_is_built_with(tiny_deit_distille
         for layer in layers:
             needed.update(warmup.LINEAR_GROUPS[layer.backend] if isinstance(layer, Linear)
                           else warmup.QLINEAR_GROUPS[layer.precision])
+            if not isinstance(layer, Linear) and layer.backend == "auto":  # it times the float32 GEMM too
+                needed.update(warmup.LINEAR_GROUPS["auto"])
         assert needed == set(groups) - {"attention", "layernorm"}, (backend, precision)

@@ -132,17 +132,28 @@ class Classifier:
         return time.perf_counter() - t0
 
     def backend_report(self) -> dict:
-        """Which GEMM backend each layer shape uses (decided on first use when backend='auto')."""
+        """Which GEMM backend each layer shape uses (decided on first use when backend='auto'): "layers" reports
+        the first layer of each role (its decisions cover every row count of its shape seen so far), "paths"
+        counts what computes the layers of each role now (fp32, or the reduced precision a layer kept: see
+        vitnp.layers)."""
         from . import kernels
         from .kernels.qlinear import describe_kernel
 
         w = self.weights
         linears = {"patch_embed": w.patch_embed, "qkv": w.layers[0].qkv, "attn_out": w.layers[0].attn_out,
                    "fc1": w.layers[0].fc1, "fc2": w.layers[0].fc2, "head": w.heads[0]}
+        every = {"patch_embed": [w.patch_embed], "head": list(w.heads),
+                 **{role: [getattr(block, role) for block in w.layers] for role in ("qkv", "attn_out", "fc1", "fc2")}}
+        paths = {}
+        for role, layers in every.items():
+            for layer in layers:
+                path = getattr(layer, "path", "fp32")
+                paths.setdefault(role, {}).setdefault(path, 0)
+                paths[role][path] += 1
         return {"backend": self.backend, "threads": self.threads or kernels.get_num_threads(),
                 "isa": kernels.isa.describe(),
                 "precision": self.precision, "precision_kernel": describe_kernel(self.precision),
-                "layers": {name: lin.report() for name, lin in linears.items()}}
+                "paths": paths, "layers": {name: lin.report() for name, lin in linears.items()}}
 
 
 def load(model: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,

@@ -23,7 +23,7 @@ ISAS = ("auto", "avx512", "avx2", "generic")
 DEFAULT_MODEL = "google/vit-base-patch16-224"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-# The GEMM backend decides only float32 layers; under int8 every projection is an int8 GEMM.
+# Which roles are float32 layers per precision (vitnp.layers); under int8 every projection is an int8 GEMM.
 FLOAT32_LAYERS = {"fp32": "all", "bf16": "heads", "int8": "none"}
 
 
@@ -61,8 +61,10 @@ def _choice(name: str, value, choices: tuple):
 class EngineOptions:
     """How the engine computes: GEMM backend, weight precision, compute threads, kernel ISA.
 
-    backend: "auto" (time Numba and BLAS per layer shape on first use, keep the faster), "numba" or "blas";
-        it applies to float32 layers only, so with precision "int8" (no float32 layer) it must stay "auto".
+    backend: "auto" (time per layer shape on first use, keep the faster: Numba or BLAS for a float32 layer, its
+        int8 / bf16 kernel or float32 for a reduced-precision one; the rule is in vitnp.layers), "numba" or
+        "blas" (float32 layers on that GEMM, reduced-precision layers always on their own kernel).  With
+        precision "int8" (no float32 layer) "blas" would choose nothing and is refused.
     precision: "fp32" (parity with transformers), "bf16" or "int8" (docs/precision.md).
     threads: compute threads per forward pass (None: Numba's default, all cores or NUMBA_NUM_THREADS).
     isa: "auto" (the widest the CPU runs) or a narrower class; the same as VITNP_ISA, which it sets when the
@@ -79,16 +81,16 @@ class EngineOptions:
         _choice("precision", self.precision, PRECISIONS)
         _positive_int("threads", self.threads, allow_none=True)
         _choice("isa", self.isa, ISAS)
-        if FLOAT32_LAYERS[self.precision] == "none" and self.backend != "auto":
+        if FLOAT32_LAYERS[self.precision] == "none" and self.backend == "blas":
             raise ParameterError(
                 f"backend {self.backend!r} has no effect with precision {self.precision!r}: every layer runs the "
-                f"{self.precision} GEMM (leave the backend at auto)")
+                f"{self.precision} GEMM (auto: or float32 where faster; numba: always {self.precision})")
 
     def with_fixed_layout(self) -> EngineOptions:
         """The same options with a backend whose weight layout never changes after loading ("auto" may re-lay a
-        layer out on its first timed decision): what weights shared read-only between processes need.  Numba is
-        what auto picks on ViT shapes."""
-        if self.backend != "auto" or FLOAT32_LAYERS[self.precision] == "none":
+        layer out, or move a reduced-precision one to float32, on its first timed decision): what weights shared
+        read-only between processes need.  Numba is what auto picks on ViT shapes."""
+        if self.backend != "auto":
             return self
         return EngineOptions("numba", self.precision, self.threads, self.isa)
 
