@@ -320,6 +320,20 @@ def config_mutations():
     )
 
 
+def mutated(original: dict, steps) -> object:
+    """The JSON document after the steps: ("root", value) replaces it, ("set", key, value) and ("drop", key)
+    change an object's fields."""
+    d = dict(original)
+    for kind, *args in steps:
+        if kind == "root":
+            d = args[0]
+        elif isinstance(d, dict) and kind == "set":
+            d[args[0]] = args[1]
+        elif isinstance(d, dict) and kind == "drop":
+            d.pop(args[0], None)
+    return d
+
+
 def test_mutated_configs_load_or_raise_a_vitnp_error(digits_copy, examples):
     """An accepted config gives a classifier whose forward pass has finite logits."""
     original = json.loads((DIGITS / "config.json").read_text())
@@ -329,14 +343,7 @@ def test_mutated_configs_load_or_raise_a_vitnp_error(digits_copy, examples):
     @fuzz_settings(max(10, examples // 2))
     @given(steps=st.lists(config_mutations(), min_size=1, max_size=3))
     def check(steps):
-        d = dict(original)
-        for kind, *args in steps:
-            if kind == "root":
-                d = args[0]
-            elif isinstance(d, dict) and kind == "set":
-                d[args[0]] = args[1]
-            elif isinstance(d, dict) and kind == "drop":
-                d.pop(args[0], None)
+        d = mutated(original, steps)
         (digits_copy / "config.json").write_text(json.dumps(d))
         clf, outcome = bounded_load(digits_copy)
         outcomes.add(outcome)
@@ -380,14 +387,7 @@ def test_mutated_preprocessor_configs_load_or_raise_a_vitnp_error(digits_copy, e
     @fuzz_settings(max(10, examples // 2))
     @given(steps=st.lists(processor_mutations(), min_size=1, max_size=3))
     def check(steps):
-        d = dict(original)
-        for kind, *args in steps:
-            if kind == "root":
-                d = args[0]
-            elif isinstance(d, dict) and kind == "set":
-                d[args[0]] = args[1]
-            elif isinstance(d, dict) and kind == "drop":
-                d.pop(args[0], None)
+        d = mutated(original, steps)
         (digits_copy / "preprocessor_config.json").write_text(json.dumps(d))
         clf, outcome = bounded_load(digits_copy)
         outcomes.add(outcome)
