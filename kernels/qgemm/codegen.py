@@ -36,6 +36,18 @@ _KIND_BY_DTYPES = {(types.uint8, types.int8): "vnni", (types.int16, types.int16)
                    (types.uint16, types.uint16): "dpbf16", (types.float32, types.uint16): "widen"}
 
 
+def operand_kind(kind_by_dtypes, a, b, c, rscale, rzp, cscale, colsum, bias):
+    """The kernel kind a micro-kernel call's operand types select (A and B dtypes: kind_by_dtypes), or None when
+    the call does not type: every operand a 1-D array, C and the scales float32, zero points and column sums
+    int32."""
+    if not all(isinstance(t, types.Array) and t.ndim == 1 for t in (a, b, c, rscale, rzp, cscale, colsum, bias)):
+        return None
+    if not (c.dtype == rscale.dtype == cscale.dtype == bias.dtype == types.float32
+            and rzp.dtype == colsum.dtype == types.int32):
+        return None
+    return kind_by_dtypes.get((a.dtype, b.dtype))
+
+
 def make_qkernel(mr, nr=NR, lanes=LANES):
     """kernel(a, a_off, lda, b, b_off, c, c_off, ldc, groups, rows, cols, add,
               rscale, rzp, r_off, cscale, colsum, bias, n_off)
@@ -53,14 +65,8 @@ def make_qkernel(mr, nr=NR, lanes=LANES):
     @intrinsic
     def kernel(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, groups, rows, cols, add,
                rscale, rzp, r_off, cscale, colsum, bias, n_off):
-        arrays = (a, b, c, rscale, rzp, cscale, colsum, bias)
-        if not all(isinstance(t, types.Array) and t.ndim == 1 for t in arrays):
-            return None
-        kind = _KIND_BY_DTYPES.get((a.dtype, b.dtype))
+        kind = operand_kind(_KIND_BY_DTYPES, a, b, c, rscale, rzp, cscale, colsum, bias)
         if kind is None or kind not in supported_kinds():
-            return None
-        if not (c.dtype == rscale.dtype == cscale.dtype == bias.dtype == types.float32
-                and rzp.dtype == colsum.dtype == types.int32):
             return None
         i64 = types.int64
         sig = types.void(a, i64, i64, b, i64, c, i64, i64, i64, i64, i64, types.boolean,

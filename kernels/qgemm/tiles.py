@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 from .. import amx, isa
 from .._microkernel import F32, I32, full_tile, int64, row_pointers, store_tile, vector_ptr
-from .codegen import LANES, NR, fused_epilogue
+from .codegen import LANES, NR, fused_epilogue, operand_kind
 from .kinds import AMX_KINDS, GROUP, INT8_KINDS, TILE_BYTES, TILE_ROWS
 
 MR = 2 * TILE_ROWS  # rows per call (two accumulator tile rows)
@@ -167,14 +167,8 @@ def make_tile_kernel(m_tiles):
     @intrinsic
     def kernel(typingctx, a, a_off, lda, b, b_off, c, c_off, ldc, groups, rows, cols, add,
                rscale, rzp, r_off, cscale, colsum, bias, n_off):
-        arrays = (a, b, c, rscale, rzp, cscale, colsum, bias)
-        if not all(isinstance(t, types.Array) and t.ndim == 1 for t in arrays):
-            return None
-        kind = _KIND_BY_DTYPES.get((a.dtype, b.dtype))
+        kind = operand_kind(_KIND_BY_DTYPES, a, b, c, rscale, rzp, cscale, colsum, bias)
         if kind is None or not targets_amx(kind):
-            return None
-        if not (c.dtype == rscale.dtype == cscale.dtype == bias.dtype == types.float32
-                and rzp.dtype == colsum.dtype == types.int32):
             return None
         i64 = types.int64
         sig = types.void(a, i64, i64, b, i64, c, i64, i64, i64, i64, i64, types.boolean,
