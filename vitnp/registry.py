@@ -25,7 +25,7 @@ from .errors import (
     QueueFullError,
     VitnpError,
 )
-from .hub import check_not_a_path, check_url_name, lookup_url_model, url_revision
+from .hub import BUNDLED_PREFIX, check_not_a_path, check_url_name, lookup_url_model, url_revision
 from .logs import run_with_context
 from .metrics import Metrics
 from .options import EngineOptions, ServingOptions
@@ -321,7 +321,7 @@ class OnDemandLoader:
     async def _load(self, name: str, loading: Loading, cached: bool) -> None:
         registry = self.registry
         loop = asyncio.get_running_loop()
-        kwargs = {"local_files_only": True} if cached and not name.startswith("bundled:") else {}
+        kwargs = {"local_files_only": True} if cached and not name.startswith(BUNDLED_PREFIX) else {}
 
         def load():
             check_not_a_path(name)
