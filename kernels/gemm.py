@@ -18,8 +18,9 @@ first run compiles one parallel GEMM kernel and nothing else compiles later.
 import threading
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import get_num_threads, njit
 
+from . import parallel
 from ._aligned import aligned_empty
 from ._microkernel import make_microkernel
 from .elementwise import gelu_inplace_serial
@@ -44,7 +45,7 @@ _micro_mid = make_microkernel(MR_MID, NR, SPEC.lanes, prefetch_b=True)
 _micro_small = make_microkernel(MR_SMALL, NR, SPEC.lanes, prefetch_b=True)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, inline="always")
 def _pack_a(x_flat, depth, r0, rows, k0, kc, a_buf):
     """a_buf[panel][p][i] = x[r0 + panel*MR + i, k0 + p], zero rows past `rows`."""
     for panel in range(cdiv(rows, MR)):
@@ -102,7 +103,7 @@ def _finish_tile(out_flat, ldc, row, rows, col, cols, bias, has_bias, epilogue):
             gelu_inplace_serial(segment)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, inline="always")
 def _run_task_panel_outer(x_flat, w_packed, bias, has_bias, out_flat, depth, cols_total, epilogue,
                           r0, r1, c0, c1, a_buf):
     """A task of few rows on a pre-packed weight, BLIS order: each B panel (KC x NR, 32 KiB) is loaded
@@ -149,28 +150,27 @@ def _run_task_panel_outer(x_flat, w_packed, bias, has_bias, out_flat, depth, col
             _finish_tile(out_flat, cols_total, row, min(MR, r1 - row), c0, c1 - c0, bias, has_bias, epilogue)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
-def _gemm_tasks_packed(x, w_packed, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, c_begin, c_end):
-    """The workers' tasks on a pack_weight() weight, for output columns [c_begin, c_end) (c_begin a
-    multiple of NR: a whole panel)."""
+@njit(cache=True, fastmath=True)
+def _gemm_task(worker, workers, x, w_packed, bias, has_bias, out, epilogue, row_split, col_split, a_bufs, c_begin,
+               c_end):
+    """One worker's tasks (parallel.run) on a pack_weight() weight, for output columns [c_begin, c_end)
+    (c_begin a multiple of NR: a whole panel)."""
     rows, depth = x.shape
     cols = out.shape[1]
     x_flat = x.reshape(-1)
     out_flat = out.reshape(-1)
     tasks = task_count(rows, c_end - c_begin, row_split, col_split)
-    workers = a_bufs.shape[0]
-    for w in prange(workers):
-        for task in range(w, tasks, workers):
-            r0, r1, c0, c1 = task_bounds(task, rows, c_end - c_begin, row_split, col_split)
-            c0, c1 = c0 + c_begin, c1 + c_begin
-            # Many rows: row chunks of <= PANEL_OUTER_MAX_ROWS, each the panel-outer order (its A rows
-            # stay in L2 while every B panel passes through L1 once); the pre-packed weight is streamed
-            # once per chunk from L3 (ViT-B's largest is 9 MiB).  Chunks are whole micro-panels.
-            chunks = cdiv(r1 - r0, PANEL_OUTER_MAX_ROWS)
-            chunk_rows = cdiv(cdiv(r1 - r0, chunks), MR) * MR
-            for q0 in range(r0, r1, chunk_rows):
-                _run_task_panel_outer(x_flat, w_packed, bias, has_bias, out_flat, depth, cols, epilogue,
-                                      q0, min(q0 + chunk_rows, r1), c0, c1, a_bufs[w])
+    for task in range(worker, tasks, workers):
+        r0, r1, c0, c1 = task_bounds(task, rows, c_end - c_begin, row_split, col_split)
+        c0, c1 = c0 + c_begin, c1 + c_begin
+        # Many rows: row chunks of <= PANEL_OUTER_MAX_ROWS, each the panel-outer order (its A rows stay in L2
+        # while every B panel passes through L1 once); the pre-packed weight is streamed once per chunk from
+        # L3 (ViT-B's largest is 9 MiB).  Chunks are whole micro-panels.
+        chunks = cdiv(r1 - r0, PANEL_OUTER_MAX_ROWS)
+        chunk_rows = cdiv(cdiv(r1 - r0, chunks), MR) * MR
+        for q0 in range(r0, r1, chunk_rows):
+            _run_task_panel_outer(x_flat, w_packed, bias, has_bias, out_flat, depth, cols, epilogue,
+                                  q0, min(q0 + chunk_rows, r1), c0, c1, a_bufs[worker])
 
 
 # The BLAS path's epilogues run serially on the calling thread on purpose: right after sgemm returns,
@@ -378,10 +378,10 @@ def gemm_packed(x, packed, cols, bias, out, epilogue, columns=None):
     row_split, col_split = plan(rows, cols, workers)
     a_bufs = _a_buffers(workers, depth)
     has_bias = bias is not None
-    _gemm_tasks_packed(x, packed, bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
-                       row_split, col_split, a_bufs, c_begin, c_end)
+    parallel.run(_gemm_task, workers, x, packed, bias if has_bias else NO_BIAS, has_bias, out, EPILOGUES[epilogue],
+                 row_split, col_split, a_bufs, c_begin, c_end)
 
 
 # The dispatchers whose compiled presence (in this process or Numba's disk cache) shows a path is ready.
-FLOAT32_KERNELS = (_gemm_tasks_packed, _pack_panels, _pack_panels_nk)  # the pre-packed float32 GEMM
+FLOAT32_KERNELS = (_gemm_task, _pack_panels, _pack_panels_nk)  # the pre-packed float32 GEMM
 BLAS_EPILOGUE_KERNELS = (apply_epilogue_inplace, add_product_inplace, _unpack_panels)  # the BLAS path's own

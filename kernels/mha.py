@@ -13,8 +13,9 @@ import math
 import threading
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import get_num_threads, njit
 
+from . import parallel
 from ._aligned import aligned_empty
 from ._intrinsics import make_column_softmax, prefetch_read
 from ._microkernel import make_microkernel
@@ -33,7 +34,7 @@ _micro_out_last = make_microkernel(OR_LAST, QB, SPEC.lanes)
 _softmax_columns = make_column_softmax(QB, SPEC.lanes)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, inline="always")
 def _pack_keys(qkv_flat, row0, ld, col0, seq, head_dim, scale, k_panels):
     """k_panels[panel][d][i] = K[panel*MR + i, d] * scale, zero keys past seq."""
     for panel in range(cdiv(seq, MR)):
@@ -53,7 +54,7 @@ def _pack_keys(qkv_flat, row0, ld, col0, seq, head_dim, scale, k_panels):
                     k_panels[base + d * MR + i] = 0.0
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, inline="always")
 def _pack_queries_transposed(qkv_flat, start, ld, queries, head_dim, q_t):
     """q_t[d][i] = Q[i, d] for i < queries (zero columns up to QB)."""
     for i in range(queries):
@@ -68,7 +69,7 @@ def _pack_queries_transposed(qkv_flat, start, ld, queries, head_dim, q_t):
             q_t[d * QB + i] = 0.0
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, inline="always")
 def _attend_one_head(qkv_flat, out_flat, b, h, seq, queries_out, width, head_dim, k_panels, scores_t, q_t,
                      v_pad):
     ld = 3 * width
@@ -111,23 +112,21 @@ def _attend_one_head(qkv_flat, out_flat, b, h, seq, queries_out, width, head_dim
                                seq, False, rows, cols)
 
 
-@njit(cache=True, fastmath=True, parallel=True)
-def _attention(qkv, out, num_heads, k_panels, scores_t, q_t, v_pad):
+@njit(cache=True, fastmath=True)
+def _attention_task(worker, workers, qkv, out, num_heads, k_panels, scores_t, q_t, v_pad):
+    """One worker's (batch, head) pairs (parallel.run), round-robin, in its own scratch slot (no
+    allocation per head)."""
     batch, seq, width3 = qkv.shape
     queries_out = out.shape[1]
     width = width3 // 3
     head_dim = width // num_heads
     qkv_flat = qkv.reshape(-1)
     out_flat = out.reshape(-1)
-    tasks = batch * num_heads
-    workers = k_panels.shape[0]
-    # Static round-robin over workers so each owns one scratch slot (no allocation per task).
-    for w in prange(workers):
-        for task in range(w, tasks, workers):
-            b = task // num_heads
-            h = task - b * num_heads
-            _attend_one_head(qkv_flat, out_flat, b, h, seq, queries_out, width, head_dim, k_panels[w],
-                             scores_t[w], q_t[w], v_pad[w])
+    for task in range(worker, batch * num_heads, workers):
+        b = task // num_heads
+        h = task - b * num_heads
+        _attend_one_head(qkv_flat, out_flat, b, h, seq, queries_out, width, head_dim, k_panels[worker],
+                         scores_t[worker], q_t[worker], v_pad[worker])
 
 
 def attention(qkv, out, num_heads):
@@ -149,7 +148,7 @@ def attention(qkv, out, num_heads):
         return out
     head_dim = width // num_heads
     workers = max(1, min(get_num_threads(), batch * num_heads))
-    _attention(qkv, out, num_heads, *_scratch(workers, head_dim, seq))
+    parallel.run(_attention_task, workers, qkv, out, num_heads, *_scratch(workers, head_dim, seq))
     return out
 
 
@@ -171,4 +170,4 @@ def _scratch(workers, head_dim, seq):
 
 
 # The dispatchers whose compiled presence (in this process or Numba's disk cache) shows attention is ready.
-KERNELS = (_attention,)
+KERNELS = (_attention_task,)

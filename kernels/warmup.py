@@ -140,7 +140,7 @@ def cold_groups(groups=GROUPS) -> list[str]:
 
 # CPU seconds of each group's cold compile (Zen 5, AVX-512; AVX2 within 10%), to split the groups evenly
 # between processes.
-_COST = {"gemm": 5.0, "attention": 5.2, "layernorm": 1.0, "blas_epilogues": 1.6, "int8": 7.5, "bf16": 6.0}
+_COST = {"gemm": 3.2, "attention": 2.4, "layernorm": 1.0, "blas_epilogues": 1.5, "int8": 6.0, "bf16": 4.5}
 
 
 def usable_cores() -> int:

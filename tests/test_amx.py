@@ -349,10 +349,10 @@ DRIVER_SCRIPT = textwrap.dedent("""
         c, f, i = np.zeros((2, 2), np.float32), np.zeros(4, np.float32), np.zeros(4, np.int32)
         counter = np.zeros(1, np.int64)
         t = numba.typeof
-        sig = (t(a), i64, i64, t(b), i64, t(c), i64, i64, t(f), t(i), t(f), t(i), t(f), i64, i64, i64, i64,
+        sig = (i64, i64, t(a), i64, i64, t(b), i64, t(c), i64, i64, t(f), t(i), t(f), t(i), t(f), i64, i64, i64,
                t(counter), i64, i64)
-        driver._amx_tasks.compile(sig)
-        asm = driver._amx_tasks.inspect_asm(sig)
+        driver._amx_task.compile(sig)
+        asm = driver._amx_task.inspect_asm(sig)
         out[kind] = {name: len(re.findall(r"^\\s+" + name + r"\\s", asm, re.M))
                      for name in ("ldtilecfg", "tileloadd", "tdpbf16ps", "tdpbusd", "tilestored", "tilerelease")}
     json.dump(out, sys.stdout)
@@ -361,7 +361,7 @@ DRIVER_SCRIPT = textwrap.dedent("""
 
 @needs_avx512
 def test_driver_compiles_for_an_amx_cpu(tmp_path):
-    """The whole AMX driver (_amx_tasks with both kernels, configure and release) compiles with Numba for a
+    """The whole AMX driver (_amx_task with both kernels, configure and release) compiles with Numba for a
     Sapphire Rapids target: the intrinsics type, lower and select to tile instructions.  Nothing is run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VITNP_ISA", "VITNP_INT8", "VITNP_BF16"))}
     env.update(NUMBA_CPU_NAME="sapphirerapids", NUMBA_CPU_FEATURES=AMX_FEATURES, VITNP_CACHE_DIR=str(tmp_path))
@@ -438,7 +438,7 @@ def jit_tile_kernel(kind, m_tiles, emulated):
 @pytest.mark.parametrize("kind", AMX_KIND_LIST)
 def test_tile_kernel_ir_with_emulated_tiles(kind):
     """The kernel's own IR (its k loop, tile addresses and strides, scratch, epilogue, full / ragged / add
-    stores) run on this CPU with each tile operation emulated, called block by block as driver._amx_tasks
+    stores) run on this CPU with each tile operation emulated, called block by block as driver._amx_task
     does: the driver's result (emulate_qgemm, bit for bit) and nothing outside the computed columns."""
     emulated = EmulatedTiles()
     kernels = {m: jit_tile_kernel(kind, m, emulated) for m in tiles.M_TILE_VARIANTS}

@@ -192,7 +192,7 @@ _micro_mid = make_qkernel(MR_MID)
 _micro_small = make_qkernel(MR_SMALL)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def micro_rows(a, a_off, lda, b, b_off, c, c_off, ldc, groups, rows, cols, add, rscale, rzp, r_off,
                cscale, colsum, bias, n_off):
     """The micro-kernel for a row panel of `rows` <= MR rows: a shorter kernel for the ragged last panel

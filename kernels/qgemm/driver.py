@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from numba import get_num_threads, njit, prange, types
+from numba import get_num_threads, njit, types
 from numba.extending import intrinsic
 
+from .. import parallel
 from .._aligned import aligned_empty
 from ..elementwise import gelu_inplace_serial
 from ..tiling import cdiv, task_bounds, task_count
@@ -38,11 +39,11 @@ def _fetch_add(typingctx, counter, value):
     return types.int64(counter, value), codegen
 
 
-@njit(cache=True, parallel=True)
-def _qgemm_tasks(a, lda, groups, b, group, c, rows_total, cols_total, rscale, rzp, cscale, colsum, bias,
-                 epilogue, task_rows, task_cols, workers, counter, c_begin, c_end):
-    """Tasks of task_rows x task_cols (whole micro-tiles), handed out through an atomic counter: a worker
-    that the OS deschedules (other processes on the cores) delays one task, not a fixed share of the GEMM.
+@njit(cache=True)
+def _qgemm_task(worker, workers, a, lda, groups, b, group, c, rows_total, cols_total, rscale, rzp, cscale, colsum,
+                bias, epilogue, task_rows, task_cols, counter, c_begin, c_end):
+    """One worker's part (parallel.run) of the tasks of task_rows x task_cols (whole micro-tiles), handed out
+    through an atomic counter: a worker that the OS deschedules (other processes on the cores) delays one task, not a fixed share of the GEMM.
     Per task: column panels outer (one B panel stays in L1/L2), row panels inner (the task's rows of A,
     at most A_BLOCK_BYTES, stay in L2); GELU on the task's block right after.  Only output columns
     [c_begin, c_end) are computed (c_begin a multiple of NR)."""
@@ -50,58 +51,56 @@ def _qgemm_tasks(a, lda, groups, b, group, c, rows_total, cols_total, rscale, rz
     tasks = task_count(rows_total, c_end - c_begin, task_rows, task_cols)
     add = epilogue == 2
     panel = groups * NR * group
-    for w in prange(workers):
-        while True:
-            task = _fetch_add(counter, 1)
-            if task >= tasks:
-                break
-            r0, r1, c0, c1 = task_bounds(task, rows_total, c_end - c_begin, task_rows, task_cols)
-            c0, c1 = c0 + c_begin, c1 + c_begin
-            for col in range(c0, c1, NR):
-                cols = min(NR, c1 - col)
-                b_off = (col // NR) * panel
-                for row in range(r0, r1, MR):
-                    rows = min(MR, r1 - row)
-                    micro_rows(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col, cols_total,
-                               groups, rows, cols, add, rscale, rzp, row, cscale, colsum, bias, col)
-            if epilogue == 1:
-                for i in range(r0, r1):
-                    gelu_inplace_serial(c_flat[i * cols_total + c0:i * cols_total + c1])
+    while True:
+        task = _fetch_add(counter, 1)
+        if task >= tasks:
+            break
+        r0, r1, c0, c1 = task_bounds(task, rows_total, c_end - c_begin, task_rows, task_cols)
+        c0, c1 = c0 + c_begin, c1 + c_begin
+        for col in range(c0, c1, NR):
+            cols = min(NR, c1 - col)
+            b_off = (col // NR) * panel
+            for row in range(r0, r1, MR):
+                rows = min(MR, r1 - row)
+                micro_rows(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col, cols_total,
+                           groups, rows, cols, add, rscale, rzp, row, cscale, colsum, bias, col)
+        if epilogue == 1:
+            for i in range(r0, r1):
+                gelu_inplace_serial(c_flat[i * cols_total + c0:i * cols_total + c1])
 
 
-@njit(cache=True, parallel=True)
-def _amx_tasks(a, lda, groups, b, group, c, rows_total, cols_total, rscale, rzp, cscale, colsum, bias,
-               epilogue, task_rows, task_cols, workers, counter, c_begin, c_end):
-    """_qgemm_tasks for the AMX kinds (tiles.py): blocks of tiles.MR rows, the tile configuration loaded once
+@njit(cache=True)
+def _amx_task(worker, workers, a, lda, groups, b, group, c, rows_total, cols_total, rscale, rzp, cscale, colsum,
+              bias, epilogue, task_rows, task_cols, counter, c_begin, c_end):
+    """_qgemm_task for the AMX kinds (tiles.py): blocks of tiles.MR rows, the tile configuration loaded once
     per task and the tiles released after it."""
     c_flat = c.reshape(-1)
     tasks = task_count(rows_total, c_end - c_begin, task_rows, task_cols)
     add = epilogue == 2
     panel = groups * NR * group
-    for w in prange(workers):
-        while True:
-            task = _fetch_add(counter, 1)
-            if task >= tasks:
-                break
-            r0, r1, c0, c1 = task_bounds(task, rows_total, c_end - c_begin, task_rows, task_cols)
-            c0, c1 = c0 + c_begin, c1 + c_begin
-            tiles.configure()
-            for col in range(c0, c1, NR):
-                cols = min(NR, c1 - col)
-                b_off = (col // NR) * panel
-                for row in range(r0, r1, tiles.MR):
-                    rows = min(tiles.MR, r1 - row)
-                    if rows > tiles.TILE_ROWS:
-                        tiles.tile_kernel(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col, cols_total,
-                                          groups, rows, cols, add, rscale, rzp, row, cscale, colsum, bias, col)
-                    else:
-                        tiles.tile_kernel_short(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col,
-                                                cols_total, groups, rows, cols, add, rscale, rzp, row, cscale,
-                                                colsum, bias, col)
-            tiles.release()
-            if epilogue == 1:
-                for i in range(r0, r1):
-                    gelu_inplace_serial(c_flat[i * cols_total + c0:i * cols_total + c1])
+    while True:
+        task = _fetch_add(counter, 1)
+        if task >= tasks:
+            break
+        r0, r1, c0, c1 = task_bounds(task, rows_total, c_end - c_begin, task_rows, task_cols)
+        c0, c1 = c0 + c_begin, c1 + c_begin
+        tiles.configure()
+        for col in range(c0, c1, NR):
+            cols = min(NR, c1 - col)
+            b_off = (col // NR) * panel
+            for row in range(r0, r1, tiles.MR):
+                rows = min(tiles.MR, r1 - row)
+                if rows > tiles.TILE_ROWS:
+                    tiles.tile_kernel(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col, cols_total,
+                                      groups, rows, cols, add, rscale, rzp, row, cscale, colsum, bias, col)
+                else:
+                    tiles.tile_kernel_short(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col,
+                                            cols_total, groups, rows, cols, add, rscale, rzp, row, cscale,
+                                            colsum, bias, col)
+        tiles.release()
+        if epilogue == 1:
+            for i in range(r0, r1):
+                gelu_inplace_serial(c_flat[i * cols_total + c0:i * cols_total + c1])
 
 
 def kernels_for(precision: str) -> tuple:
@@ -110,7 +109,7 @@ def kernels_for(precision: str) -> tuple:
     tells them apart."""
     if precision not in KIND:
         raise ValueError(f"precision must be int8 or bf16, got {precision!r}")
-    tasks = _amx_tasks if KIND[precision] in AMX_KINDS.values() else _qgemm_tasks
+    tasks = _amx_task if KIND[precision] in AMX_KINDS.values() else _qgemm_task
     if precision == "int8":
         return (tasks, quantize_rows)
     return (tasks, copy_rows if KIND[precision] == "widen" else bf16_rows)
@@ -185,7 +184,7 @@ def qgemm(x, weight: PackedWeight, out, epilogue="none", columns=None):
     task_rows, task_cols = plan(rows, c_end - c_begin, lda * a.itemsize, workers, row_block(weight.kind))
     counter = _scratch("counter", 1, 1, np.int64)[0]
     counter[0] = 0
-    tasks = _amx_tasks if weight.kind in AMX_KINDS.values() else _qgemm_tasks
-    tasks(a.reshape(-1), lda, weight.groups, weight.packed, weight.group, out, rows, n, rscale, rzp,
-                 weight.cscale, weight.colsum, weight.bias, EPILOGUES[epilogue], task_rows, task_cols,
-                 workers, counter, c_begin, c_end)
+    task = _amx_task if weight.kind in AMX_KINDS.values() else _qgemm_task
+    parallel.run(task, workers, a.reshape(-1), lda, weight.groups, weight.packed, weight.group, out, rows, n, rscale,
+                 rzp, weight.cscale, weight.colsum, weight.bias, EPILOGUES[epilogue], task_rows, task_cols, counter,
+                 c_begin, c_end)
