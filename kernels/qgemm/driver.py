@@ -39,34 +39,44 @@ def _fetch_add(typingctx, counter, value):
     return types.int64(counter, value), codegen
 
 
+@njit(cache=True, inline="always")
+def _claim_block(counter, rows_total, c_begin, c_end, task_rows, task_cols):
+    """The next task's output block (r0, r1, c0, c1), handed out through the atomic counter (r0 = -1 when
+    none is left): a worker that the OS deschedules (other processes on the cores) delays one task, not a
+    fixed share of the GEMM."""
+    task = _fetch_add(counter, 1)
+    if task >= task_count(rows_total, c_end - c_begin, task_rows, task_cols):
+        return -1, -1, -1, -1
+    r0, r1, c0, c1 = task_bounds(task, rows_total, c_end - c_begin, task_rows, task_cols)
+    return r0, r1, c0 + c_begin, c1 + c_begin
+
+
+@njit(cache=True, inline="always")
+def _gelu_block(c_flat, cols_total, r0, r1, c0, c1):
+    for i in range(r0, r1):
+        gelu_inplace_serial(c_flat[i * cols_total + c0:i * cols_total + c1])
+
+
 @njit(cache=True)
 def _qgemm_task(worker, workers, a, lda, groups, b, group, c, rows_total, cols_total, rscale, rzp, cscale, colsum,
                 bias, epilogue, task_rows, task_cols, counter, c_begin, c_end):
-    """One worker's part (parallel.run) of the tasks of task_rows x task_cols (whole micro-tiles), handed out
-    through an atomic counter: a worker that the OS deschedules (other processes on the cores) delays one task, not a fixed share of the GEMM.
-    Per task: column panels outer (one B panel stays in L1/L2), row panels inner (the task's rows of A,
-    at most A_BLOCK_BYTES, stay in L2); GELU on the task's block right after.  Only output columns
-    [c_begin, c_end) are computed (c_begin a multiple of NR)."""
+    """One worker's part (parallel.run) of the tasks of task_rows x task_cols (whole micro-tiles) over output
+    columns [c_begin, c_end) (c_begin a multiple of NR).  Per task: column panels outer (one B panel stays
+    in L1/L2), row panels inner (the task's rows of A, at most A_BLOCK_BYTES, stay in L2); GELU on the
+    task's block right after."""
     c_flat = c.reshape(-1)
-    tasks = task_count(rows_total, c_end - c_begin, task_rows, task_cols)
-    add = epilogue == 2
     panel = groups * NR * group
     while True:
-        task = _fetch_add(counter, 1)
-        if task >= tasks:
+        r0, r1, c0, c1 = _claim_block(counter, rows_total, c_begin, c_end, task_rows, task_cols)
+        if r0 < 0:
             break
-        r0, r1, c0, c1 = task_bounds(task, rows_total, c_end - c_begin, task_rows, task_cols)
-        c0, c1 = c0 + c_begin, c1 + c_begin
         for col in range(c0, c1, NR):
-            cols = min(NR, c1 - col)
-            b_off = (col // NR) * panel
             for row in range(r0, r1, MR):
-                rows = min(MR, r1 - row)
-                micro_rows(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col, cols_total,
-                           groups, rows, cols, add, rscale, rzp, row, cscale, colsum, bias, col)
+                micro_rows(a, row * lda, lda, b, (col // NR) * panel, c_flat, row * cols_total + col, cols_total,
+                           groups, min(MR, r1 - row), min(NR, c1 - col), epilogue == 2, rscale, rzp, row, cscale,
+                           colsum, bias, col)
         if epilogue == 1:
-            for i in range(r0, r1):
-                gelu_inplace_serial(c_flat[i * cols_total + c0:i * cols_total + c1])
+            _gelu_block(c_flat, cols_total, r0, r1, c0, c1)
 
 
 @njit(cache=True)
@@ -75,32 +85,27 @@ def _amx_task(worker, workers, a, lda, groups, b, group, c, rows_total, cols_tot
     """_qgemm_task for the AMX kinds (tiles.py): blocks of tiles.MR rows, the tile configuration loaded once
     per task and the tiles released after it."""
     c_flat = c.reshape(-1)
-    tasks = task_count(rows_total, c_end - c_begin, task_rows, task_cols)
-    add = epilogue == 2
     panel = groups * NR * group
     while True:
-        task = _fetch_add(counter, 1)
-        if task >= tasks:
+        r0, r1, c0, c1 = _claim_block(counter, rows_total, c_begin, c_end, task_rows, task_cols)
+        if r0 < 0:
             break
-        r0, r1, c0, c1 = task_bounds(task, rows_total, c_end - c_begin, task_rows, task_cols)
-        c0, c1 = c0 + c_begin, c1 + c_begin
         tiles.configure()
         for col in range(c0, c1, NR):
-            cols = min(NR, c1 - col)
-            b_off = (col // NR) * panel
             for row in range(r0, r1, tiles.MR):
                 rows = min(tiles.MR, r1 - row)
+                cols = min(NR, c1 - col)
+                b_off = (col // NR) * panel
                 if rows > tiles.TILE_ROWS:
-                    tiles.tile_kernel(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col, cols_total,
-                                      groups, rows, cols, add, rscale, rzp, row, cscale, colsum, bias, col)
+                    tiles.tile_kernel(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col, cols_total, groups,
+                                      rows, cols, epilogue == 2, rscale, rzp, row, cscale, colsum, bias, col)
                 else:
-                    tiles.tile_kernel_short(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col,
-                                            cols_total, groups, rows, cols, add, rscale, rzp, row, cscale,
-                                            colsum, bias, col)
+                    tiles.tile_kernel_short(a, row * lda, lda, b, b_off, c_flat, row * cols_total + col, cols_total,
+                                            groups, rows, cols, epilogue == 2, rscale, rzp, row, cscale, colsum, bias,
+                                            col)
         tiles.release()
         if epilogue == 1:
-            for i in range(r0, r1):
-                gelu_inplace_serial(c_flat[i * cols_total + c0:i * cols_total + c1])
+            _gelu_block(c_flat, cols_total, r0, r1, c0, c1)
 
 
 def kernels_for(precision: str) -> tuple:
