@@ -17,7 +17,12 @@ All of it is bounded (fixed request counts) and stops by itself; the server list
    then for each client count (--clients 1,8) runs that many client threads, each on its own HTTP connection,
    each sending 1 unmeasured warm-up request then --requests-per-client raw-byte requests (image/jpeg,
    x-use-cache: false, so every request is decoded and runs through the engine). The machine is shared, so
-   engine and server measurements alternate and see the same background load.
+   engine and server measurements alternate and see the same background load. Around each server run (after
+   the warm-ups, after the last answer) the script reads the server's GET /metrics: the differences of
+   vitnp_inference_duration_seconds _sum/_count and vitnp_batch_size _sum are the seconds the server's engine
+   spent in forward passes during the run ("engine busy": over the run's wall time), its forward passes, and
+   the images they carried (= the measured requests), so busy seconds / images is the server's own forward ms
+   per image.
 3. middleware: in this process, the server's own application (vitnp.server.create_app over a service with the
    model, JSON access lines written to a file, metrics, CORS for "*") and the same routes with no middleware
    at all answer one batch-1 request each in turn (--middleware-reps pairs, driven straight through ASGI, so
@@ -26,12 +31,20 @@ All of it is bounded (fixed request counts) and stops by itself; the server list
 4. memory: the server's RSS when idle, then its peak (VmHWM, reset through /proc/PID/clear_refs, and sampled
    every 2 ms) while it answers one PNG of 1 x 80,000,000 pixels (a few hundred KB: the decoder refuses
    sides over 65,535 and images over its pixel limit from the header, before decoding), and its RSS after.
-5. prints a table (images/s: median over rounds; p50/p99 latency over every request), the target lines, and
-   writes benchmarks/results/server.json (every run, the engine timings, the machine, how many requests
-   each forward-pass batch size served, from the server's access log, the middleware timings and the memory).
+5. prints a table (images/s: median over rounds; p50/p99 latency over every request; engine busy and forward
+   ms/img: median over rounds), the target lines and the diagnostic line, and writes
+   benchmarks/results/server.json (every run with its engine figures, their medians and totals per client
+   count, the engine timings, the machine, how many requests each forward-pass batch size served, from the
+   server's access log, the middleware timings and the memory).
 
 Targets: with 8 concurrent clients the server reaches >= 0.95x the engine's batch-8 images/s; the middleware
 adds <= 1 ms per request; the huge PNG takes the server <= 300 MB above its idle RSS.
+
+Diagnostic (not a target): the engine and server rounds alternate, but on a shared host the machine's speed
+moves between them, and the ratio above moves with it. The server's own readings do not: at 8 clients, its
+engine's busy fraction (median over rounds) and the images/s it delivered per images/s its forward passes could
+deliver (images / wall over images / busy seconds; equal to the busy fraction, as every request is one image)
+say how much of the round the server spent on anything but forward passes. The JSON's "diagnostic" holds both.
 
 OpenBLAS overrides: like the other benchmarks, when OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set the script
 re-executes itself without them (the server inherits that environment); --no-reexec keeps them.
@@ -148,11 +161,45 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
+def engine_totals(url: str) -> dict:
+    """The server's forward-pass totals since it started, from its GET /metrics (summed over models): seconds its
+    engine spent in forward passes (vitnp_inference_duration_seconds_sum), forward passes (its _count) and images
+    (vitnp_batch_size_sum)."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(url + "metrics", timeout=REQUEST_TIMEOUT_S).text
+    wanted = {"vitnp_inference_duration_seconds_sum": "busy_s",
+              "vitnp_inference_duration_seconds_count": "forward_passes", "vitnp_batch_size_sum": "images"}
+    totals = dict.fromkeys(wanted.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                totals[wanted[sample.name]] += sample.value
+    return totals
+
+
+def engine_use(before: dict, after: dict, wall_s: float, delivered_images_per_s: float) -> dict:
+    """What the server's engine did between two engine_totals readings that bracket a round of `wall_s`."""
+    busy = after["busy_s"] - before["busy_s"]
+    images = round(after["images"] - before["images"])
+    forward_rate = images / busy if busy > 0 else None
+    return {"busy_s": busy, "busy_fraction": busy / wall_s,
+            "forward_passes": round(after["forward_passes"] - before["forward_passes"]),
+            "images_forwarded": images,
+            "forward_ms_per_image": busy / images * 1e3 if images else None,
+            "forward_images_per_s": forward_rate,
+            "delivered_over_forward": delivered_images_per_s / forward_rate if forward_rate else None}
+
+
 def load_run(url: str, image: bytes, clients: int, per_client: int) -> dict:
-    """`clients` threads, each sending 1 warm-up + `per_client` measured requests on its own connection."""
+    """`clients` threads, each sending 1 warm-up + `per_client` measured requests on its own connection; the
+    server's /metrics is read after the warm-ups and after the measured requests, so its engine figures cover
+    exactly the measured ones."""
     import requests
 
     headers = {"Content-Type": "image/jpeg", "x-use-cache": "false"}
+    warmed = threading.Barrier(clients + 1)
     start = threading.Barrier(clients + 1)
     latencies: list[float] = []
     lock = threading.Lock()
@@ -162,6 +209,7 @@ def load_run(url: str, image: bytes, clients: int, per_client: int) -> dict:
         mine = []
         with requests.Session() as session:
             session.post(url, data=image, headers=headers, timeout=REQUEST_TIMEOUT_S).raise_for_status()
+            warmed.wait()
             start.wait()
             for _ in range(per_client):
                 t0 = time.perf_counter()
@@ -174,13 +222,17 @@ def load_run(url: str, image: bytes, clients: int, per_client: int) -> dict:
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(client) for _ in range(clients)]
+        warmed.wait()
+        before = engine_totals(url)
         start.wait()
         t0 = time.perf_counter()
         failures = sum(f.result() for f in futures)
         wall = time.perf_counter() - t0
+    after = engine_totals(url)
     total = clients * per_client
     return {"clients": clients, "requests": total, "failures": failures, "wall_s": wall,
-            "images_per_s": total / wall, "latencies_s": latencies}
+            "images_per_s": total / wall, "latencies_s": latencies,
+            **engine_use(before, after, wall, total / wall)}
 
 
 def summarize_runs(clients: int, runs: list[dict], engine: dict) -> dict:
@@ -194,7 +246,23 @@ def summarize_runs(clients: int, runs: list[dict], engine: dict) -> dict:
         "latency_p99_s": float(np.percentile(latencies, 99)),
         "ratio_to_engine_batch8": statistics.median(rates) / engine["images_per_s"],
         "best_ratio_to_engine_batch8": max(rates) / engine["best_images_per_s"],
+        # The server's own engine, from its /metrics: medians over rounds, totals over rounds.
+        "busy_fraction": median_of(runs, "busy_fraction"),
+        "min_busy_fraction": min(r["busy_fraction"] for r in runs),
+        "max_busy_fraction": max(r["busy_fraction"] for r in runs),
+        "forward_ms_per_image": median_of(runs, "forward_ms_per_image"),
+        "forward_images_per_s": median_of(runs, "forward_images_per_s"),
+        "delivered_over_forward": median_of(runs, "delivered_over_forward"),
+        "busy_s": sum(r["busy_s"] for r in runs),
+        "forward_passes": sum(r["forward_passes"] for r in runs),
+        "images_forwarded": sum(r["images_forwarded"] for r in runs),
     }
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    """Median of a per-run figure over the runs that have it (None: no run forwarded an image)."""
+    values = [r[key] for r in runs if r[key] is not None]
+    return statistics.median(values) if values else None
 
 
 def batch_histogram(log: str) -> dict:
@@ -380,8 +448,9 @@ def run(args) -> dict:
                     r = load_run(f"http://127.0.0.1:{port}/", image, n, args.requests_per_client)
                     runs[n].append(r)
                     failed = f" ({r['failures']} failed)" if r["failures"] else ""
-                    print(f"round {round_ + 1}: server, {n} clients: {r['images_per_s']:.2f} img/s{failed}",
-                          flush=True)
+                    print(f"round {round_ + 1}: server, {n} clients: {r['images_per_s']:.2f} img/s{failed}; "
+                          f"its engine busy {r['busy_fraction']:.0%} of the round, "
+                          f"{fmt(r['forward_ms_per_image'], '.2f')} forward ms/img", flush=True)
             memory = huge_png_memory(f"http://127.0.0.1:{port}/", proc.pid)
             print(f"memory: idle {memory['idle_rss_mb']:.0f} MB, peak {memory['peak_rss_mb']:.0f} MB while answering "
                   f"a {memory['png_bytes'] / 1024:.0f} KB PNG of {HUGE_PNG_SIZE[0]} x {HUGE_PNG_SIZE[1]:,} "
@@ -421,6 +490,9 @@ def run(args) -> dict:
         "target": {"clients": TARGET_CLIENTS, "min_ratio_to_engine_batch8": TARGET_RATIO,
                    "ratio": target["ratio_to_engine_batch8"] if target else None,
                    "met": (target["ratio_to_engine_batch8"] >= TARGET_RATIO) if target else None},
+        "diagnostic": {"clients": TARGET_CLIENTS,
+                       "busy_fraction": target["busy_fraction"] if target else None,
+                       "delivered_over_forward": target["delivered_over_forward"] if target else None},
         "targets": {"middleware_max_s": TARGET_MIDDLEWARE_S,
                     "middleware_met": middleware["added_s"] <= TARGET_MIDDLEWARE_S,
                     "peak_above_idle_max_mb": TARGET_PEAK_ABOVE_IDLE_MB,
@@ -428,28 +500,45 @@ def run(args) -> dict:
     }
 
 
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def print_report(data: dict) -> None:
-    engine8 = data["engine"][f"batch{MAX_BATCH_SIZE}"]["images_per_s"]
+    engine8 = data["engine"][f"batch{MAX_BATCH_SIZE}"]
     rows = []
     for b in (1, MAX_BATCH_SIZE):
         e = data["engine"][f"batch{b}"]
         rows.append([f"engine, batch {b}", f"{e['images_per_s']:.2f}", f"{e['best_images_per_s']:.2f}",
-                     f"{e['images_per_s'] / engine8:.2f}", f"{e['median_s']:.3f}", "", ""])
+                     f"{e['images_per_s'] / engine8['images_per_s']:.2f}", f"{e['median_s']:.3f}", "", "", "",
+                     f"{e['median_s'] / b * 1e3:.2f}"])
     for n, s in data["server"].items():
         rows.append([f"server, {n} clients", f"{s['images_per_s']:.2f}", f"{s['best_images_per_s']:.2f}",
                      f"{s['ratio_to_engine_batch8']:.2f}", f"{s['latency_p50_s']:.3f}", f"{s['latency_p99_s']:.3f}",
-                     str(s["failures"])])
+                     str(s["failures"]), f"{s['busy_fraction']:.0%}", fmt(s["forward_ms_per_image"], ".2f")])
     print()
     print("images/s: median over calls (engine) or rounds (server); best: the fastest one (its minimum time)")
-    print(common.format_table(["", "images/s", "best images/s", "x engine b8", "p50 s", "p99 s", "failed"], rows))
+    print("engine busy: the server's forward-pass seconds over the round's wall time; forward ms/img: a forward")
+    print("pass's seconds per image (server: from its /metrics, median over rounds; engine: this process's median)")
+    print(common.format_table(["", "images/s", "best images/s", "x engine b8", "p50 s", "p99 s", "failed",
+                               "engine busy", "forward ms/img"], rows))
     common.print_noise_warnings(data["noise_warnings"])
     print(f"requests per forward-pass batch size: {data['server_batches']}")
     t = data["target"]
     if t["ratio"] is not None:
-        best = data["server"][str(TARGET_CLIENTS)]["best_ratio_to_engine_batch8"]
+        s = data["server"][str(TARGET_CLIENTS)]
+        best = s["best_ratio_to_engine_batch8"]
         print(f"\ntarget: {TARGET_CLIENTS} clients >= {TARGET_RATIO}x engine batch-{MAX_BATCH_SIZE} images/s: "
               f"{t['ratio']:.2f}x (best run vs fastest engine call: {best:.2f}x) -> "
               f"{'PASS' if t['met'] else 'FAIL'}")
+        rounds = f"{s['rounds']} round" + "s" * (s["rounds"] != 1)
+        print(f"diagnostic, not the target: at {TARGET_CLIENTS} clients the server's engine ran forward passes "
+              f"{s['busy_fraction']:.0%} of the wall time (median of {rounds}, "
+              f"{s['min_busy_fraction']:.0%}-{s['max_busy_fraction']:.0%});\n"
+              f"  it delivered {fmt(s['delivered_over_forward'], '.2f')}x the images/s its own forward passes could "
+              f"({s['images_per_s']:.2f} of {fmt(s['forward_images_per_s'], '.2f')} img/s = images / busy seconds, "
+              f"{fmt(s['forward_ms_per_image'], '.2f')} ms/img; this process's engine: "
+              f"{engine8['median_s'] / MAX_BATCH_SIZE * 1e3:.2f} ms/img)")
     m = data["middleware"]
     print(f"target: middleware adds <= {TARGET_MIDDLEWARE_S * 1e3:g} ms per request: "
           f"{m['added_s'] * 1e3:.3f} ms (median {m['with']['median_s'] * 1e3:.3f} ms with, "

@@ -1,10 +1,12 @@
-"""Smoke runs of the end-to-end and start-up benchmarks on a tiny checkpoint, and checks of their references.
+"""Smoke runs of the end-to-end, start-up, Ray and server benchmarks on a tiny checkpoint, and checks of their
+references.
 
 The benchmarks run as the user runs them (a subprocess on the script) but with --no-reexec, so the test leaves the
 machine's OpenBLAS variables alone.  Nothing here asserts on timings; it checks that every system produced
 positive numbers, that they agree with transformers, that the naive NumPy reference and the FLOP count are
-what they claim to be (against transformers and torch's own FLOP counter), that the noise warning fires on the
-spreads it is for, and that the benchmark modules import each other without cycles.
+what they claim to be (against transformers and torch's own FLOP counter), that the server benchmark's readings
+of the server's /metrics cover exactly its measured requests, that the noise warning fires on the spreads it is
+for, and that the benchmark modules import each other without cycles.
 """
 
 from __future__ import annotations
@@ -158,6 +160,32 @@ def test_bench_ray_smoke(tiny_vit, tmp_path):
         assert len(set(m["pids"])) == int(n) and all(p["pss_kib"] > 10_000 for p in m["per_actor"])
     assert memory["weights_mib"] > 0 and data["targets"]["pss_4_vs_1_actors"]["ratio"] is None
     assert data["machine"]["versions"]["ray"]
+
+
+def test_bench_server_smoke(tiny_vit, tmp_path):
+    proc = run_script("bench_server.py", "--model", str(tiny_vit), "--quick", "--backend", "blas",
+                      "--middleware-reps", "5", "--out-dir", str(tmp_path))
+    data = json.loads((tmp_path / "server-quick.json").read_text())
+    assert set(data["server"]) == {"1", "8"}
+    for n, runs in data["runs"].items():
+        assert len(runs) == 1
+        for r in runs:
+            assert r["failures"] == 0 and r["requests"] == int(n) * 2
+            # The two /metrics readings bracket exactly the measured requests: one image each, no warm-up.
+            assert r["images_forwarded"] == r["requests"]
+            assert -(-r["requests"] // 8) <= r["forward_passes"] <= r["requests"]
+            assert 0 < r["busy_s"] <= r["wall_s"] and 0 < r["busy_fraction"] <= 1
+            assert r["forward_ms_per_image"] == pytest.approx(r["busy_s"] / r["images_forwarded"] * 1e3)
+            assert r["delivered_over_forward"] == pytest.approx(r["busy_fraction"])
+    for n, s in data["server"].items():
+        assert 0 < s["min_busy_fraction"] <= s["busy_fraction"] <= s["max_busy_fraction"] <= 1
+        assert s["images_forwarded"] == s["requests"] and s["forward_ms_per_image"] > 0
+    eight = data["server"]["8"]
+    assert data["diagnostic"] == {"clients": 8, "busy_fraction": eight["busy_fraction"],
+                                  "delivered_over_forward": eight["delivered_over_forward"]}
+    assert isinstance(data["target"]["met"], bool)
+    assert "target: 8 clients >= 0.95x engine batch-8 images/s" in proc.stdout
+    assert "diagnostic, not the target: at 8 clients the server's engine ran forward passes" in proc.stdout
 
 
 # -- ONNX Runtime limited to AVX2 (benchmarks/ort_isa.py) ------------------------------------------------------
