@@ -1,4 +1,5 @@
-"""vitnp on Ray: Ray Data jobs, `vitnp classify --ray`, `vitnp serve --ray`, and a worker killed mid-job.
+"""vitnp on Ray: Ray Data jobs, `vitnp classify --ray`, `vitnp serve --ray` (and its metrics in Ray's own
+Prometheus export), and a worker killed mid-job.
 
 One local Ray cluster (2 CPUs, no dashboard) serves the whole module. Every answer is compared with the
 library, `vitnp.load("bundled:digits", backend="numba").classify`, whose results do not depend on batch size
