@@ -1,4 +1,5 @@
-"""vitnp on Ray: Ray Data jobs, `vitnp classify --ray`, `vitnp serve --ray`, and a worker killed mid-job.
+"""vitnp on Ray: Ray Data jobs, `vitnp classify --ray`, `vitnp serve --ray` (and its metrics in Ray's own
+Prometheus export), and a worker killed mid-job.
 
 One local Ray cluster (2 CPUs, no dashboard) serves the whole module. Every answer is compared with the
 library, `vitnp.load("bundled:digits", backend="numba").classify`, whose results do not depend on batch size
@@ -443,6 +444,83 @@ def test_serve_lists_probes_info_metrics_under_ray(servers, lib, image_dir):
         assert any(s.labels.get("route") == "/" and s.labels.get("status") == "200"
                    for s in families["vitnp_requests"].samples) or classified[-1] == 0
     assert max(classified) > 0, classified
+
+
+EXPORT_TIMEOUT_S = 90  # Ray's metrics agent takes each worker's figures every few seconds
+
+
+def ray_prometheus_export() -> dict:
+    """Ray's own Prometheus export, scraped where Prometheus scrapes it: the node's metrics agent, at the
+    node's metrics export port (family name -> family)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    node = ray.nodes()[0]
+    r = requests.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=30)
+    assert r.status_code == 200, r.text
+    return {f.name: f for f in text_string_to_metric_families(r.text)}
+
+
+def exported(families: dict, sample: str, **labels) -> dict:
+    """Ray worker id -> value of the samples named `sample` that carry these labels (summed per worker)."""
+    values = {}
+    for s in (s for family in families.values() for s in family.samples if s.name == sample):
+        if all(s.labels.get(k) == v for k, v in labels.items()):
+            values[s.labels["WorkerId"]] = values.get(s.labels["WorkerId"], 0.0) + s.value
+    return values
+
+
+def test_serve_metrics_reach_rays_prometheus_export(servers, image_dir):
+    """Every replica records through ray.util.metrics (vitnp.metrics.RayMetrics), so Ray's Prometheus export
+    carries the deployment's figures, prefixed ray_, one series per replica (Ray's WorkerId label): the images
+    this test sends are counted there, and each replica's series is what that replica's own /metrics says."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vitnp.metrics import DURATION_BUCKETS
+
+    _, on_ray = servers
+    paths = sorted(image_dir.glob("digit-[0-9]-*.png"))
+    images, requests_ok, passes = ("ray_vitnp_images_classified_total", "ray_vitnp_requests_total",
+                                   "ray_vitnp_inference_duration_seconds_count")
+    route_ok = {"model": MODEL, "route": "/", "status": "200"}
+    scrape = ray_prometheus_export()  # may lag behind the replicas, never runs ahead of them
+    before = (sum(exported(scrape, images, model=MODEL).values()),
+              sum(exported(scrape, requests_ok, **route_ok).values()),
+              sum(exported(scrape, passes, model=MODEL).values()))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda p: requests.post(on_ray.url + "/", data=p.read_bytes(), timeout=120,
+                                                        headers={"x-use-cache": "false"}), paths))
+    assert [r.status_code for r in replies] == [200] * len(paths)
+
+    deadline = time.monotonic() + EXPORT_TIMEOUT_S
+    while True:
+        families = ray_prometheus_export()
+        per_replica = exported(families, images, model=MODEL)
+        now = (sum(per_replica.values()), sum(exported(families, requests_ok, **route_ok).values()),
+               sum(exported(families, passes, model=MODEL).values()))
+        local = set()
+        for _ in range(4):  # the proxy picks a replica per scrape
+            text = requests.get(on_ray.url + "/metrics", timeout=30).text
+            local.add(sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                          if s.name == "vitnp_images_classified_total" and s.labels.get("model") == MODEL))
+        if (now[0] >= before[0] + len(paths) and now[1] >= before[1] + len(paths) and now[2] > before[2]
+                and local - {0.0} <= set(per_replica.values())):  # a replica with none has no series
+            break
+        assert time.monotonic() < deadline, (
+            f"Ray's export did not catch up within {EXPORT_TIMEOUT_S}s: images, requests, forward passes "
+            f"{before} -> {now}; replicas' own counts {local}, exported per replica {per_replica}")
+        time.sleep(1)
+
+    kinds = {"ray_vitnp_requests": "counter", "ray_vitnp_request_duration_seconds": "histogram",
+             "ray_vitnp_queue_duration_seconds": "histogram", "ray_vitnp_inference_duration_seconds": "histogram",
+             "ray_vitnp_queue_size": "gauge", "ray_vitnp_batch_size": "histogram",
+             "ray_vitnp_images_classified": "counter"}  # all that this test's requests record
+    assert {name: families[name].type for name in kinds} == kinds
+    inference = [s for s in families["ray_vitnp_inference_duration_seconds"].samples
+                 if s.name.endswith("_bucket") and s.labels["model"] == MODEL]
+    assert {float(s.labels["le"]) for s in inference} == {*DURATION_BUCKETS, float("inf")}
+    for worker, count in exported(families, passes, model=MODEL).items():
+        assert exported(families, "ray_vitnp_inference_duration_seconds_bucket", model=MODEL,
+                        le="+Inf")[worker] == count
 
 
 def test_missing_ray_error_names_the_extra(monkeypatch):

@@ -21,9 +21,11 @@ two.
 
 Backends: `Metrics` records into a private prometheus_client registry, which `render` writes out.
 `RayMetrics` (made in Ray Serve replicas) records into the same kind of registry, so a replica's /metrics
-answers that replica's own figures, and also into `ray.util.metrics`, so Ray's Prometheus export (each
-node's metrics agent; names prefixed ray_) carries every replica's figures: scrape that for the
-deployment's totals.
+answers that replica's own figures, and also into `ray.util.metrics`, so Ray's Prometheus export carries every
+replica's figures: scrape that for the deployment's totals. Each node's metrics agent serves it at the node's
+metrics export port (`ray start --metrics-export-port`), as ray_vitnp_requests_total, ..., one series per
+replica (Ray's WorkerId label), a few seconds behind; there a histogram's _sum is Ray's estimate (bucket
+midpoints), its buckets and counts are exact.
 """
 
 from __future__ import annotations
