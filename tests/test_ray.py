@@ -500,8 +500,12 @@ def test_serve_metrics_reach_rays_prometheus_export(servers, image_dir):
         local = set()
         for _ in range(4):  # the proxy picks a replica per scrape
             text = requests.get(on_ray.url + "/metrics", timeout=30).text
-            local.add(sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+            replica = {f.name: f for f in text_string_to_metric_families(text)}
+            local.add(sum(s.value for s in replica["vitnp_images_classified"].samples
                           if s.name == "vitnp_images_classified_total" and s.labels.get("model") == MODEL))
+            # each replica timed its own model setup (mapping the shared weights, warm-up) once
+            assert [s.value for s in replica["vitnp_model_load_duration_seconds"].samples
+                    if s.name.endswith("_count") and s.labels.get("model") == MODEL] == [1.0]
         if (now[0] >= before[0] + len(paths) and now[1] >= before[1] + len(paths) and now[2] > before[2]
                 and local - {0.0} <= set(per_replica.values())):  # a replica with none has no series
             break
@@ -513,7 +517,8 @@ def test_serve_metrics_reach_rays_prometheus_export(servers, image_dir):
     kinds = {"ray_vitnp_requests": "counter", "ray_vitnp_request_duration_seconds": "histogram",
              "ray_vitnp_queue_duration_seconds": "histogram", "ray_vitnp_inference_duration_seconds": "histogram",
              "ray_vitnp_queue_size": "gauge", "ray_vitnp_batch_size": "histogram",
-             "ray_vitnp_images_classified": "counter"}  # all that this test's requests record
+             "ray_vitnp_images_classified": "counter",  # all that this test's requests record
+             "ray_vitnp_model_load_duration_seconds": "histogram"}  # and each replica's startup
     assert {name: families[name].type for name in kinds} == kinds
     inference = [s for s in families["ray_vitnp_inference_duration_seconds"].samples
                  if s.name.endswith("_bucket") and s.labels["model"] == MODEL]

@@ -529,12 +529,16 @@ def _deployment_class():
             limit_image_pixels(options)
             threads = threads or _assigned_cpus()
             registry = ModelRegistry(options, models[0].shared.engine.with_threads(threads))
+            metrics = RayMetrics()
             for model in models:
+                # A replica's model load: mapping the weights `vitnp serve` loaded once, and the warm-up.
+                t0 = time.perf_counter()
                 # A class per model: @serve.batch keeps one queue per decorated function.
                 worker_class = _serve_batch_worker_class()
                 registry.add(start_worker(worker_class, model.name, model.aliases, model.shared.load(threads),
                                           options))
-            self.service = InferenceService(registry, options, RayMetrics())
+                metrics.model_loaded(model.name, time.perf_counter() - t0)
+            self.service = InferenceService(registry, options, metrics)
             self.options = options
             self.token = token
             self.cors_allow_origins = tuple(http.get("cors_allow_origins", ()))
