@@ -44,11 +44,17 @@ _addresses_lock = threading.Lock()
 
 
 def _type_key(arg):
-    # What Numba's type of an argument depends on, read in a microsecond (numba.typeof takes several).
+    """What Numba's type of an argument depends on, read in about a microsecond (numba.typeof takes several):
+    an array's dtype, dimensions, layout and flags; a scalar's class (and, for an int, whether it fits int64);
+    anything else by its Numba type itself."""
     if isinstance(arg, np.ndarray):
         flags = arg.flags
-        return arg.dtype.num, arg.ndim, flags.c_contiguous, flags.writeable, flags.aligned
-    return type(arg)
+        return arg.dtype, arg.ndim, flags.c_contiguous, flags.f_contiguous, flags.writeable, flags.aligned
+    if type(arg) is int:
+        return int, -2**63 <= arg < 2**63
+    if isinstance(arg, (float, bool, np.generic)):
+        return type(arg)
+    return typeof(arg)
 
 
 def task_address(task, args) -> int:

@@ -44,3 +44,14 @@ def test_more_workers_than_threads_still_run_every_share():
         assert seen.tolist() == [0, 1, 2, 0, 1, 2]
     finally:
         set_num_threads(previous)
+
+
+def test_arrays_of_other_layouts_get_their_own_compiled_task():
+    """A C-ordered, a Fortran-ordered and a strided view of the same rows: code compiled for one layout reads
+    the others' elements from the wrong places, so each must run its own."""
+    base = np.zeros((9, 8), np.float32)
+    for rows in (np.zeros((9, 4), np.float32), np.zeros((9, 4), np.float32, order="F"), base[:, ::2]):
+        seen = np.full(9, -1, np.int64)
+        parallel.run(_record, 2, seen, np.float32(3.0), rows)
+        np.testing.assert_array_equal(rows, 3.0 * np.arange(1, 10, dtype=np.float32)[:, None] * np.ones(4))
+    np.testing.assert_array_equal(base[:, 1::2], 0.0)  # the strided view wrote only its own columns
