@@ -152,12 +152,7 @@ class AutoBackend:
     def backend_for(self, layer, rows):
         """The backend for an input of `rows` rows (decided on first use of the shape); moves layer's weight."""
         key = (int(rows), self.in_features, self.out_features)
-        choice = _auto_choice.get(key)
-        if choice is None:
-            with _auto_lock:
-                choice = _auto_choice.get(key)
-                if choice is None:
-                    choice = _stored_or_timed_choice(layer, key)
+        choice = _decided(_auto_choice, _auto_lock, key, _stored_or_timed_choice, layer)
         if not self.settled and (choice == "blas" or not layer.laid_out_for("numba")):
             self.follow(layer, choice)
         return choice
@@ -182,13 +177,19 @@ class AutoPrecision:
     def path_for(self, layer, rows):
         """`layer.precision` or FLOAT32: the faster path for an input of `rows` rows (decided on first use)."""
         key = (self.kind, int(rows), self.in_features, self.out_features)
-        choice = _path_choice.get(key)
-        if choice is None:
-            with _path_lock:
-                choice = _path_choice.get(key)
-                if choice is None:
-                    choice = _stored_or_timed_path(layer, key)
-        return choice
+        return _decided(_path_choice, _path_lock, key, _stored_or_timed_path, layer)
+
+
+def _decided(choices, lock, key, decide, layer):
+    """choices[key], or decide(layer, key) (which files it in choices) the first time: one thread decides a
+    shape while the others wait for it; once decided, a lookup takes no lock (every forward pass asks)."""
+    choice = choices.get(key)
+    if choice is None:
+        with lock:
+            choice = choices.get(key)
+            if choice is None:
+                choice = decide(layer, key)
+    return choice
 
 
 def _stored_or_timed_choice(layer, key):
