@@ -21,6 +21,7 @@ import numpy as np
 from numba import get_num_threads, njit
 
 from . import parallel
+from . import _aligned
 from ._aligned import aligned_empty
 from ._microkernel import make_microkernel
 from .elementwise import gelu_inplace_serial
@@ -356,7 +357,7 @@ def _unpack_panels(packed, w_t):
 
 def unpack_weight(packed, depth, cols):
     """pack_weight's inverse: the (K, N) float32 C-contiguous weight."""
-    w_t = np.empty((depth, cols), np.float32)
+    w_t = _aligned.empty((depth, cols))
     _unpack_panels(packed, w_t)
     return w_t
 

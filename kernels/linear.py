@@ -4,7 +4,7 @@ import threading
 
 import numpy as np
 
-from . import autotune
+from . import _aligned, autotune
 from . import gemm as _gemm
 from .elementwise import check_f32_contiguous
 
@@ -168,7 +168,7 @@ def check_layer_call(layer, x, out, epilogue, epilogues, columns=None):
 def _transpose_to_f32(weight):
     """(N, K) any-float (possibly read-only mmap) -> (K, N) float32 C-contiguous, without a float32 temp."""
     n, k = weight.shape
-    out = np.empty((k, n), np.float32)
+    out = _aligned.empty((k, n))
     block = 256  # transposing in tiles keeps both source rows and destination rows cache-resident
     for r in range(0, n, block):
         np.copyto(out[:, r:r + block], weight[r:r + block].T, casting="same_kind")

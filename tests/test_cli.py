@@ -352,8 +352,11 @@ def test_non_finite_scores_are_error_records_in_strict_json(tiny_vit, examples_d
 
 
 def peak_rss_mb(args, cwd) -> float:
-    """Peak resident memory (VmHWM) of a fresh process running `vitnp` with these arguments."""
-    script = ("import sys; from vitnp.cli import main; code = main(sys.argv[1:]); "
+    """Peak resident memory (VmHWM) of a fresh process running `vitnp` with these arguments, from the moment its
+    kernels are loaded (before it, the compiler's pages set an earlier peak that would hide the images')."""
+    script = ("import sys; from vitnp.classifier import compile_kernels; compile_kernels(progress=False); "
+              "open('/proc/self/clear_refs', 'w').write('5'); "  # 5: reset the peak to the current RSS
+              "from vitnp.cli import main; code = main(sys.argv[1:]); "
               "peak = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')); "
               "print(code, int(peak.split()[1]) / 1024, file=sys.stderr)")
     run = subprocess.run([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.DEVNULL,

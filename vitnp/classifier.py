@@ -209,19 +209,18 @@ def use_isa(isa: str) -> None:
 
 
 def compile_kernels(options: EngineOptions = EngineOptions(), progress: bool = True) -> dict:
-    """Compile the kernels a forward pass with these options needs (vitnp.layers.kernel_groups), unless Numba's
-    disk cache already holds them for this CPU.  Only a first run ever compiles (~5-10 s, spread over the cores);
-    it says so on stderr, with a progress bar on a terminal.  Returns {kernel group: seconds} for what was
-    compiled."""
-    from .kernels import isa, warmup
+    """Compile the kernels a forward pass with these options needs (vitnp.layers.kernel_groups), or load them from
+    Numba's disk cache where it holds them for this CPU, then unmap LLVM's code (kernels.compiler_memory): with
+    every kernel in the process before a weight is read, the model's peak memory never includes it.  Only a first
+    run ever compiles (~5-10 s, spread over the cores); it says so on stderr, with a progress bar on a terminal.
+    Returns {kernel group: seconds} for what was compiled."""
+    from .kernels import compiler_memory, isa, warmup
     from .layers import kernel_groups
 
     groups = kernel_groups(options)
     cold = warmup.cold_groups(groups)
-    if not cold:
-        return {}
     bar = None
-    if progress:
+    if cold and progress:
         print(f"vitnp: compiling kernels for this CPU ({isa.cpu_model()}, {isa.ISA}); first run only, "
               f"cached afterwards", file=sys.stderr, flush=True)
         from tqdm.auto import tqdm
@@ -229,10 +228,12 @@ def compile_kernels(options: EngineOptions = EngineOptions(), progress: bool = T
         bar = tqdm(total=len(cold), unit="group", desc="compiling", leave=False, file=sys.stderr,
                    disable=not sys.stderr.isatty())
     try:
-        return warmup.compile_groups(groups, on_done=(lambda group, seconds: bar.update(1)) if bar else None)
+        compiled = warmup.compile_groups(groups, on_done=(lambda group, seconds: bar.update(1)) if bar else None)
     finally:
         if bar is not None:
             bar.close()
+    compiler_memory.release_compiler_code()
+    return compiled
 
 
 _loaded: dict[tuple, Classifier] = {}
