@@ -307,10 +307,11 @@ def _pack_panels(w_t, padded, packed):
 
 def pack_weight_nk(weight):
     """pack_weight() of weight.T, read straight from an (N, K) float32 nn.Linear weight (any
-    strides, read-only memory maps included): one pass, no transposed copy."""
+    strides, read-only memory maps included): one pass, no transposed copy, the panels split between the
+    threads (a model's load is mostly this copy, and the first touch of its pages)."""
     cols, depth = weight.shape
     padded, packed = panel_buffer(depth, cols)
-    _pack_panels_nk(read_only(weight), padded, packed)
+    parallel.run(_pack_panels_nk_task, get_num_threads(), read_only(weight), padded, packed)
     return packed
 
 
@@ -323,22 +324,29 @@ def read_only(array):
 
 
 @njit(cache=True)
-def _pack_panels_nk(weight, padded, packed):
+def _pack_panels_nk_task(worker, workers, weight, padded, packed):
+    """Worker `worker`'s share of the panels (a contiguous run of them, every k slab)."""
     cols, depth = weight.shape
-    packed[:] = 0.0
+    panels = padded // NR
+    first = panels * worker // workers
+    last = panels * (worker + 1) // workers
     for k0 in range(0, depth, KC):
         kc = min(KC, depth - k0)
-        for panel in range(padded // NR):
+        for panel in range(first, last):
             base = k0 * padded + panel * kc * NR
             c0 = panel * NR
+            width = min(NR, cols - c0)
             # 16 k steps at a time: one cache line of each of the panel's NR weight rows is read, and the
             # 16 x NR block written is contiguous (k by k), so both sides stay in L1.
             for p0 in range(0, kc, LINE):
                 p1 = min(p0 + LINE, kc)
-                for j in range(min(NR, cols - c0)):
+                for j in range(width):
                     row = weight[c0 + j]
                     for p in range(p0, p1):
                         packed[base + p * NR + j] = row[k0 + p]
+            for p in range(kc):  # the last panel's columns past N
+                for j in range(width, NR):
+                    packed[base + p * NR + j] = 0.0
 
 
 @njit(cache=True)
@@ -384,5 +392,5 @@ def gemm_packed(x, packed, cols, bias, out, epilogue, columns=None):
 
 
 # The dispatchers whose compiled presence (in this process or Numba's disk cache) shows a path is ready.
-FLOAT32_KERNELS = (_gemm_task, _pack_panels, _pack_panels_nk)  # the pre-packed float32 GEMM
+FLOAT32_KERNELS = (_gemm_task, _pack_panels, _pack_panels_nk_task)  # the pre-packed float32 GEMM
 BLAS_EPILOGUE_KERNELS = (apply_epilogue_inplace, add_product_inplace, _unpack_panels)  # the BLAS path's own
