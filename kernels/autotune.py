@@ -218,12 +218,18 @@ def _stored_or_timed_path(layer, key):
     return choice
 
 
+def synthetic_weight(n, k):
+    """An (n, k) float32 weight to time a layer's candidates on: uniform values, as good as any for timing (the
+    kernels' speed does not depend on them) and a sixth of the cost of normal ones (a cold ViT-B run draws ten)."""
+    return np.random.default_rng(0).random((n, k), dtype=np.float32)
+
+
 def path_round(layer, key):
     """timed_round() for choose(): the reduced-precision layer's kernel against the float32 GEMM (each built by
     layer.race_candidates on a synthetic weight of the layer's shape), in context, the reduced kernel first and
     followed by itself (in a reduced-precision model the next projection is a reduced one too)."""
     _, rows, k, n = key
-    weight = np.random.default_rng(0).standard_normal((n, k), dtype=np.float32)
+    weight = synthetic_weight(n, k)
     weight.setflags(write=False)  # read-only, as a checkpoint's mapped tensors are: the signatures loading compiles
     candidates = layer.race_candidates(weight)  # {precision: run(x, out), FLOAT32: run(x, out)}
     del weight
@@ -282,7 +288,7 @@ def _time_backends(layer, key):
     followed by a Numba GEMM of the same shape.  The faster in context is chosen, on any CPU and ISA; returns
     (choice, whether the rounds agreed: see decide)."""
     rows, k, n = key
-    weight = np.random.default_rng(0).standard_normal((n, k), dtype=np.float32)
+    weight = synthetic_weight(n, k)
     layers = {name: type(layer)(weight, layer.bias, backend=name) for name in ("numba", "blas")}
     del weight
     candidates = {name: (lambda x, out, name=name: layers[name].run(name, x, out, "none")) for name in layers}
