@@ -1,0 +1,67 @@
+"""kernels._aligned: every row on a 64-byte boundary; weight-sized buffers mapped with small pages (not NumPy's
+transparent-huge-page advice), and given back when dropped."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import numpy as np
+import pytest
+
+from vitnp.kernels._aligned import ALIGN_BYTES, MAPPED_MIN_BYTES, aligned_empty, empty
+
+
+def mapping_flags(array: np.ndarray) -> list[str] | None:
+    """The VmFlags of the mapping that holds `array`'s first byte (None where /proc/self/smaps is absent)."""
+    if not os.path.exists("/proc/self/smaps"):
+        return None
+    address, inside = array.ctypes.data, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and fields[0] == "VmFlags:":
+                return fields[1:]
+    return None
+
+
+@pytest.mark.parametrize("rows, row_elements, dtype", [(3, 5, np.float32), (7, 100, np.int8), (1, 1, np.uint16),
+                                                       (768, 1536, np.float32), (4, MAPPED_MIN_BYTES, np.int8)])
+def test_rows_start_on_cache_lines_and_hold_what_is_written(rows, row_elements, dtype):
+    array = aligned_empty(rows, row_elements, dtype)
+    itemsize = np.dtype(dtype).itemsize
+    assert array.dtype == dtype and array.shape[0] == rows
+    assert array.shape[1] >= row_elements and (array.shape[1] * itemsize) % ALIGN_BYTES == 0
+    assert array.ctypes.data % ALIGN_BYTES == 0 and array.flags.c_contiguous and array.flags.writeable
+    values = (np.arange(array.size) % 97).astype(dtype).reshape(array.shape)
+    array[...] = values
+    np.testing.assert_array_equal(array, values)
+
+
+def test_weight_sized_buffers_are_private_and_not_advised_to_huge_pages():
+    size = 4 * MAPPED_MIN_BYTES // 4  # float32 elements: 4x the threshold in bytes
+    ours = empty((size,))
+    ours[:] = 1.0
+    assert ours.shape == (size,) and ours.dtype == np.float32 and ours.ctypes.data % 4096 == 0
+    flags = mapping_flags(ours)
+    if flags is None:
+        pytest.skip("no /proc/self/smaps on this OS")
+    assert "hg" not in flags  # VM_HUGEPAGE: madvise(MADV_HUGEPAGE) was not asked for
+    assert "sh" not in flags  # private memory: a fork() copies it, as NumPy's own would be
+
+
+def resident_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def test_a_dropped_buffer_gives_its_memory_back():
+    buffer = empty((64 << 20,), np.uint8)
+    buffer[:] = 1  # every page touched
+    before = resident_mb()
+    del buffer
+    gc.collect()
+    assert before - resident_mb() > 60
