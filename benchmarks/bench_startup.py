@@ -19,9 +19,10 @@ first result <= 1.0 s and peak RSS <= 450 MB.  --matrix measures the offline dem
 host's ISA and the AVX2 build, and profiles each kernel group's cold compile in CPU seconds.
 
 Bytecode: an installed package has its modules compiled to bytecode (pip does it at install; a checkout's
-modules are compiled on first import), so the children run with PYTHONDONTWRITEBYTECODE removed and their bytecode
-written to a temporary PYTHONPYCACHEPREFIX that round 1 fills: a machine that sets PYTHONDONTWRITEBYTECODE would
-otherwise compile vitnp's modules from source on every run.
+modules are compiled on their first import and kept), so the children run with PYTHONDONTWRITEBYTECODE removed: a
+machine that sets it would otherwise make every run compile vitnp's modules from source.  (Not a
+PYTHONPYCACHEPREFIX: Python then ignores every package's own bytecode, and a cold run would compile NumPy's and
+Numba's too.)
 
 OpenBLAS overrides: when OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set the script re-executes itself in a child
 process with both removed from the environment (so every measured process runs without them); --no-reexec keeps
@@ -86,11 +87,9 @@ else:
 """
 
 
-def installed_python_env(env: dict, pycache: str) -> dict:
+def installed_python_env(env: dict) -> dict:
     """`env` as a Python installation that keeps its modules' bytecode (see the module docstring)."""
-    env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = pycache
-    return env
+    return {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def vitnp_command() -> list[str]:
@@ -170,7 +169,7 @@ def run(args) -> dict:
     # one Numba cache directory and one vitnp cache (the auto backend's stored decisions) that start empty, as
     # on a fresh install: round 1 compiles and times, later rounds load the kernels and the decisions.
     env = installed_python_env(dict(os.environ, VITNP_CACHE_DIR=numba_cache, HF_HUB_OFFLINE="1",
-                                    TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1"), pycache=os.path.join(numba_cache, "pyc"))
+                                    TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1"))
     runs = {s: [] for s in args.systems}
     errors = {}
     try:
@@ -273,7 +272,7 @@ def run_matrix(args) -> dict:
         for case, cmd in commands.items():
             cache = common.fresh_numba_cache()
             try:
-                case_env = installed_python_env(dict(env, VITNP_CACHE_DIR=cache), pycache=os.path.join(cache, "pyc"))
+                case_env = installed_python_env(dict(env, VITNP_CACHE_DIR=cache))
                 runs = []
                 for i in range(args.runs):
                     r = run_child(cmd, case_env)
