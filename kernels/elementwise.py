@@ -201,8 +201,10 @@ def gelu32(x):
     return x * phi
 
 
-# error_model="numpy": Numba's default checks every float division for zero (to raise
-# ZeroDivisionError), and that branch keeps the loop from being vectorised.
+# Every kernel that divides is compiled with error_model="numpy": a float division then gives IEEE results (inf,
+# nan) as NumPy does, and the caller's finiteness checks report them.  Numba's default checks each divisor for zero
+# to raise ZeroDivisionError; that branch keeps loops from being vectorised, and under fastmath (no NaNs assumed)
+# a NaN divisor can take it: raised inside a parallel region, it reaches Python as a SystemError.
 @njit(cache=True, fastmath=True, error_model="numpy")
 def gelu_inplace_serial(x):
     for i in range(x.size):
@@ -240,7 +242,7 @@ def gelu_max_error(lo=-16.0, hi=16.0, points=400_001):
 # LayerNorm
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def layernorm_row(x, gamma, beta, eps, out):
     width = x.size
     # Sums in float64: with a large common offset (|mean| >> std) a float32 mean is off by more than
@@ -278,7 +280,7 @@ def layernorm(x, gamma, beta, eps, out):
 # Softmax
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def softmax_row(x, out):
     """out = softmax(x) for one row (out may be x); returns nothing."""
     width = x.size

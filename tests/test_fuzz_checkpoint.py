@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import vitnp
@@ -386,6 +386,8 @@ def test_mutated_preprocessor_configs_load_or_raise_a_vitnp_error(digits_copy, e
 
     @fuzz_settings(max(10, examples // 2))
     @given(steps=st.lists(processor_mutations(), min_size=1, max_size=3))
+    # Pixel values near 1e38: the activations overflow to inf and NaN, which every kernel passes on to the scores check
+    @example(steps=[("set", "rescale_factor", 6.672203074112425e+35)])
     def check(steps):
         d = mutated(original, steps)
         (digits_copy / "preprocessor_config.json").write_text(json.dumps(d))

@@ -140,6 +140,25 @@ def test_layernorm_large_offset_is_stable():
     np.testing.assert_allclose(out, layernorm_reference(x, gamma, beta, 1e-12), atol=1e-4)
 
 
+def test_non_finite_rows_pass_through_the_dividing_kernels_and_leave_the_other_rows_alone():
+    """inf and NaN in a row give non-finite outputs in that row (IEEE, as NumPy), never an exception; huge finite
+    rows stay finite; the other rows match the references."""
+    r = rng()
+    x = r.standard_normal((6, 64)).astype(np.float32)
+    x[1, 3], x[2, 5], x[3, :] = np.inf, np.nan, np.float32(1e37) * x[3, :]
+    x[4, :] = np.nan
+    clean = [0, 3, 5]
+    gamma, beta = np.ones(64, np.float32), np.zeros(64, np.float32)
+    ln = kernels.layernorm(x, gamma, beta, 1e-12, np.empty_like(x))
+    sm = kernels.softmax_rows(x, np.empty_like(x))
+    ge = kernels.gelu_erf(x.copy())
+    for out in (ln, sm, ge):
+        assert not np.isfinite(out[[1, 2, 4]]).all(axis=1).any()
+        assert np.isfinite(out[clean]).all()
+    np.testing.assert_allclose(ln[clean], layernorm_reference(x[clean], gamma, beta, 1e-12), atol=1e-4)
+    np.testing.assert_allclose(ge[[0, 5]], gelu_reference(x[[0, 5]].astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
 def test_layernorm_rejects_mismatched_shapes():
     x = np.zeros((3, 4), np.float32)
     with pytest.raises(ValueError):

@@ -579,6 +579,9 @@ def test_malformed_json_names_the_file(tmp_path):
     ("rescale_factor", float("inf")),
     ("rescale_factor", True),
     ("rescale_factor", [1 / 255]),
+    ("rescale_factor", 6.672203074112425e+35),  # pixel values near 1e38: NaN scores
+    ("image_std", [0.5, 1e-30, 0.5]),
+    ("image_mean", [0.5, -1e30, 0.5]),
     ("do_center_crop", "true"),
     ("do_rescale", 0),
     ("default_to_square", "no"),

@@ -20,6 +20,7 @@ from .errors import ConfigError
 __all__ = [
     "IMAGENET_STANDARD_MEAN",
     "IMAGENET_STANDARD_STD",
+    "MAX_PIXEL_MAGNITUDE",
     "MAX_PROCESSOR_SIDE",
     "PIL_RESAMPLE_NAMES",
     "PreprocessorConfig",
@@ -40,6 +41,12 @@ PIL_RESAMPLE_NAMES = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4
 # 64 MB in PIL and its float32 pixel values 192 MB. A 30000-pixel size (1 GB per image before a
 # 32-pixel crop) is a broken or hostile file, refused before anything is allocated.
 MAX_PROCESSOR_SIDE = 4096
+
+# Largest magnitude a preprocessed pixel value may reach.  ViT/DeiT inputs lie within a few units of zero (1/255
+# rescaling, ImageNet mean and std); a million times that is still a valid config, but a rescale_factor, mean or
+# std far beyond it (a 1e35 rescale_factor, a 1e-30 std) only makes the forward pass overflow float32 into NaN
+# scores, so such a file is refused at load, naming the fields.
+MAX_PIXEL_MAGNITUDE = 1e6
 
 # image_processor_type / feature_extractor_type values whose defaults we know.
 PROCESSOR_TYPE_TO_MODEL = {
@@ -297,3 +304,17 @@ def _validate_fields(source: str, f: dict) -> None:
             raise _field_error(source, name, v, "3 finite numbers (one per RGB channel)")
     if not all(s > 0 for s in f["image_std"]):
         raise _field_error(source, "image_std", f["image_std"], "3 positive numbers (they divide the pixel values)")
+    largest = _largest_pixel_magnitude(f)
+    if largest > MAX_PIXEL_MAGNITUDE:
+        raise ConfigError(
+            f"{source}: 'rescale_factor' {f['rescale_factor']!r}, 'image_mean' {list(f['image_mean'])} and "
+            f"'image_std' {list(f['image_std'])} turn pixel values into numbers up to {largest:.3g} (more than "
+            f"{MAX_PIXEL_MAGNITUDE:.0e}); a ViT expects values within a few units of zero (usually rescale_factor "
+            f"1/255 and ImageNet's mean and std)")
+
+
+def _largest_pixel_magnitude(f: dict) -> float:
+    """The largest |value| the rescale and normalize steps (as their do_* flags say) give a 0-255 pixel."""
+    scale = f["rescale_factor"] if f["do_rescale"] else 1.0
+    mean, std = (f["image_mean"], f["image_std"]) if f["do_normalize"] else ((0.0,) * 3, (1.0,) * 3)
+    return max(max(abs(-m), abs(255.0 * scale - m)) / s for m, s in zip(mean, std))
