@@ -120,6 +120,20 @@ def make_checkpoint(
     return out
 
 
+def make_overflowing_copy(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> Path:
+    """A copy of a ViT checkpoint whose finite weights overflow float32 on every image: every logit is +inf,
+    so softmax gives NaN."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    dst = Path(shutil.copytree(src_dir, dst_dir))
+    tensors = load_file(dst / "model.safetensors")
+    tensors["vit.layernorm.bias"] = np.full_like(tensors["vit.layernorm.bias"], 10.0)
+    tensors["classifier.weight"] = np.full_like(tensors["classifier.weight"], 3e38)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
 def fill_hub_cache(cache_dir: str | os.PathLike, repo_id: str, src_dir: str | os.PathLike,
                    commit: str = "0123456789abcdef0123456789abcdef01234567",
                    files: list[str] | None = None) -> Path:

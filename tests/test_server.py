@@ -477,6 +477,33 @@ def test_worker_forward_pass_matches_the_library(lib_vit, cats, coffee):
                                     for image, top_k, fn in items]
 
 
+def test_non_finite_scores_are_a_500_with_their_reason_per_request(tmp_path, tiny_vit, lib_vit, cats, coffee):
+    """A model whose weights overflow float32 on an image: that request gets a 500 saying so (JSON cannot carry
+    NaN scores), not the generic one with a traceback in the log; the server goes on serving.  In a batch the
+    error is each job's own result, next to the other jobs' predictions."""
+    from checkpoints import make_overflowing_copy
+    from vitnp.batching import Job, ModelWorker
+    from vitnp.options import ServingOptions
+
+    overflowing = make_overflowing_copy(tiny_vit, tmp_path / "overflowing")
+    worker = ModelWorker("overflowing", vitnp.load(overflowing, backend=BACKEND), ServingOptions(max_batch_size=2))
+    # Every logit is +inf: softmax (the default) gives NaN, sigmoid gives 1.0.
+    softmax, sigmoid = worker.forward([Job(worker.decode(cats), 3, None), Job(worker.decode(coffee), 5, "sigmoid")])
+    assert isinstance(softmax, vitnp.errors.NonFiniteScoresError)
+    assert len(sigmoid) == 5 and all(p["score"] == 1.0 for p in sigmoid)
+
+    proc = ServerProcess(["--model", f"overflowing={overflowing}", "--model", f"{VIT_NAME}={tiny_vit}"],
+                         tmp_path / "server.log", env={"HF_HUB_OFFLINE": "1", "VITNP_API_TOKEN": ""})
+    try:
+        body = assert_error(post(f"{proc.url}/models/overflowing", data=cats), 500)
+        assert "scores are not finite numbers" in body["error"]
+        r = post(f"{proc.url}/models/{VIT_NAME}", data=cats)
+        assert r.status_code == 200 and r.json() == lib_vit.classify(cats)
+        assert "Traceback" not in proc.log()
+    finally:
+        proc.stop()
+
+
 def test_internal_errors_are_generic_500_and_logged(caplog):
     from vitnp.server import GENERIC_500, error_for
 

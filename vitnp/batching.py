@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DeadlineExceededError, ImageError, ParameterError, QueueFullError
+from .errors import DeadlineExceededError, ImageError, NonFiniteScoresError, ParameterError, QueueFullError
 from .logs import REQUEST_ID, run_with_context
 from .metrics import Metrics
 from .options import ServingOptions
-from .postprocess import validate_parameters
+from .postprocess import check_finite, validate_parameters
 
 log = logging.getLogger("vitnp.server")
 
@@ -197,9 +197,9 @@ class ModelWorker:
             self._waiting -= n
             self.metrics.queue_size(self.name, self._waiting)
 
-    def forward(self, jobs: list[Job]) -> list[list[dict]]:
-        """One forward pass over up to max_batch_size jobs -> each job's predictions. Called from one thread
-        per worker at a time; forward passes of all models take turns (FORWARD_LOCK)."""
+    def forward(self, jobs: list[Job]) -> list:
+        """One forward pass over up to max_batch_size jobs -> each job's predictions, or its NonFiniteScoresError.
+        Called from one thread per worker at a time; forward passes of all models take turns (FORWARD_LOCK)."""
         n = len(jobs)
         for i, job in enumerate(jobs):
             self._batch[i] = job.pixels[0]
@@ -210,8 +210,15 @@ class ModelWorker:
             finally:
                 self.busy_since = None
         self.metrics.forward_pass(self.name, n, time.monotonic() - t0)
-        return [self.classifier.postprocess(logits[i:i + 1], job.top_k, job.function_to_apply)[0]
-                for i, job in enumerate(jobs)]
+        results = []
+        for i, job in enumerate(jobs):  # a job's result: its predictions, or the error that is its alone
+            try:
+                with np.errstate(all="ignore"):  # an overflow's non-finite score is that job's error
+                    predictions = self.classifier.postprocess(logits[i:i + 1], job.top_k, job.function_to_apply)[0]
+                results.append(check_finite(predictions))
+            except NonFiniteScoresError as e:
+                results.append(e)
+        return results
 
     def submit(self, job: Job):
         """A future (concurrent or asyncio) of (predictions, batch size) for one admitted, decoded image."""
@@ -320,7 +327,10 @@ class EngineWorker(ModelWorker):
                 future.set_exception(e)
             return
         for (_, future), result in zip(batch, predictions):
-            future.set_result((result, n))
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result((result, n))
 
 
 class ResultCache:

@@ -60,6 +60,15 @@ class QueueFullError(VitnpError):
         self.retry_after = retry_after
 
 
+class NonFiniteScoresError(VitnpError, ArithmeticError):
+    """A model's scores for an image are not finite numbers: its weights overflow float32 on that image (the
+    model's failure, not the request's). HTTP 500 with the message; the other images of a batch are unaffected."""
+
+    def __init__(self):
+        super().__init__("the model's scores are not finite numbers (NaN or infinity): its weights overflow "
+                         "float32 on this image")
+
+
 class ModelLoadingError(VitnpError):
     """A served model is still loading (the request did not wait, or waited --load-timeout seconds); the
     client should retry after estimated_time seconds. HTTP 503 with {"estimated_time": ...} in the body and

@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob
 import io
 import json
-import math
 import os
 import stat
 import sys
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .errors import ImageError, VitnpError
+from .errors import ImageError, NonFiniteScoresError, VitnpError
 from .options import ClassifyOptions
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
@@ -247,11 +246,6 @@ class Records:
             print(text, file=sys.stderr, flush=True)
 
 
-def non_finite_score_message(path: str) -> str:
-    return (f"'{path}': the model's scores are not finite numbers (NaN or infinity): its weights overflow "
-            "float32 on this image")
-
-
 # --------------------------------------------------------------------------- the job
 
 
@@ -260,6 +254,7 @@ def run_classify(job: ClassifyOptions) -> int:
     the records cannot be written."""
     import numpy as np
 
+    from .postprocess import check_finite
     from .preprocess import image_pixels, target_size
     from .startup import load_classifier
 
@@ -308,11 +303,11 @@ def run_classify(job: ClassifyOptions) -> int:
                         results = clf.postprocess(clf.logits(pixels[:len(good)]), top_k=job.top_k,
                                                   function_to_apply=job.function_to_apply)
                     for path, predictions in zip(good, results):
-                        if all(math.isfinite(p["score"]) for p in predictions):
-                            records.emit(path, predictions=predictions)
-                        else:
+                        try:
+                            records.emit(path, predictions=check_finite(predictions))
+                        except NonFiniteScoresError as e:
                             failures += 1
-                            records.emit(path, error=non_finite_score_message(path))
+                            records.emit(path, error=str(e))
                 bar.update(len(chunk))
         except OutputError as e:
             print(f"vitnp: cannot write the results: {e}", file=sys.stderr)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .errors import ParameterError
+from .errors import NonFiniteScoresError, ParameterError
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
 DEFAULT_TOP_K = 5
@@ -53,6 +55,14 @@ def top_labels(row_scores: np.ndarray, id2label, top_k: int) -> list[dict]:
     # A stable sort on descending score keeps class order among ties, as the pipeline's list.sort does.
     order = np.argsort(-row_scores, kind="stable")[:top_k]
     return [{"label": id2label[i], "score": float(row_scores[i])} for i in order]
+
+
+def check_finite(predictions: list[dict]) -> list[dict]:
+    """One image's predictions, or NonFiniteScoresError when a score is NaN or infinite (JSON cannot carry it,
+    and no label can be read from it)."""
+    if not all(math.isfinite(p["score"]) for p in predictions):
+        raise NonFiniteScoresError()
+    return predictions
 
 
 def postprocess(logits: np.ndarray, id2label, problem_type=None, top_k=DEFAULT_TOP_K,

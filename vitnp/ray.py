@@ -484,14 +484,18 @@ def _serve_batch_worker_class():
 
         @serve.batch  # sizes and wait set per worker in __init__, from its ServingOptions
         async def _batched(self, jobs: list) -> list:
-            """(predictions, batch size) per job; a job past its deadline gets DeadlineExceededError, one its
-            request gave up on gets None (nobody reads it)."""
+            """(predictions, batch size) per job; a job whose scores are not finite gets its NonFiniteScoresError,
+            one past its deadline DeadlineExceededError, one its request gave up on None (nobody reads it)."""
             states = self.take(jobs)
             running = [job for job, state in zip(jobs, states) if state == "run"]
             n = len(running)
-            predictions = iter(await asyncio.get_running_loop().run_in_executor(self._engine, self.forward, running)
-                               if running else [])
-            return [(next(predictions), n) if state == "run" else
+            results = iter(await asyncio.get_running_loop().run_in_executor(self._engine, self.forward, running)
+                           if running else [])
+
+            def answer(result):
+                return result if isinstance(result, BaseException) else (result, n)
+
+            return [answer(next(results)) if state == "run" else
                     deadline_error(self.name) if state == "expired" else None for state in states]
 
         def close(self, timeout=None):

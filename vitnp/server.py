@@ -54,6 +54,7 @@ from .errors import (
     ModelLoadingError,
     ModelNotFoundError,
     ModelUnavailableError,
+    NonFiniteScoresError,
     OfflineError,
     ParameterError,
     QueueFullError,
@@ -322,7 +323,7 @@ def error_for(exc: BaseException) -> JSONResponse:
         return error_response(400, str(exc))
     if isinstance(exc, (ModelNotFoundError, OfflineError)):
         return error_response(404, str(exc))
-    if isinstance(exc, ModelLoadFailedError):
+    if isinstance(exc, (ModelLoadFailedError, NonFiniteScoresError)):
         return error_response(500, str(exc))
     log.error("request failed", exc_info=exc)
     return error_response(500, GENERIC_500)
