@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 
 import numpy as np
 
@@ -64,8 +65,6 @@ def unmap_file_pages(path: str | os.PathLike) -> int:
 
 def compiler_library() -> str | None:
     """The path of the LLVM library Numba compiles with, when it is loaded in this process."""
-    import sys
-
     ffi = sys.modules.get("llvmlite.binding.ffi")
     try:
         return ffi.lib._name if ffi is not None else None

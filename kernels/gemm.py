@@ -20,8 +20,7 @@ import threading
 import numpy as np
 from numba import get_num_threads, njit
 
-from . import parallel
-from . import _aligned
+from . import _aligned, parallel
 from ._aligned import aligned_empty
 from ._microkernel import make_microkernel
 from .elementwise import gelu_inplace_serial
