@@ -317,4 +317,4 @@ def _largest_pixel_magnitude(f: dict) -> float:
     """The largest |value| the rescale and normalize steps (as their do_* flags say) give a 0-255 pixel."""
     scale = f["rescale_factor"] if f["do_rescale"] else 1.0
     mean, std = (f["image_mean"], f["image_std"]) if f["do_normalize"] else ((0.0,) * 3, (1.0,) * 3)
-    return max(max(abs(-m), abs(255.0 * scale - m)) / s for m, s in zip(mean, std))
+    return max(max(abs(m), abs(255.0 * scale - m)) / s for m, s in zip(mean, std))
