@@ -226,19 +226,22 @@ def synthetic_weight(n, k):
 
 def path_round(layer, key):
     """timed_round() for choose(): the reduced-precision layer's kernel against the float32 GEMM (each built by
-    layer.race_candidates on a synthetic weight of the layer's shape), in context, the reduced kernel first and
-    followed by itself (in a reduced-precision model the next projection is a reduced one too)."""
+    layer.race_candidates on a synthetic weight of the layer's shape), in context, the reduced kernel first, each
+    followed by itself: a model whose projections run one path against one whose projections run the other.
+    (Followed by the reduced kernel, the float32 GEMM paid for the switch between the two: on the AVX2 build the
+    bf16 kernel then won layers that made the whole forward pass slower than float32.)"""
     _, rows, k, n = key
     weight = synthetic_weight(n, k)
     weight.setflags(write=False)  # read-only, as a checkpoint's mapped tensors are: the signatures loading compiles
     candidates = layer.race_candidates(weight)  # {precision: run(x, out), FLOAT32: run(x, out)}
     del weight
-    return in_context_round(candidates, candidates[layer.precision], rows, k, n)
+    return in_context_round(candidates, candidates, rows, k, n)
 
 
-def in_context_round(candidates, follower, rows, k, n):
+def in_context_round(candidates, followers, rows, k, n):
     """A timed_round() for choose(): each candidate (name -> run(x, out), in order) as it runs in a forward pass:
-    between Numba parallel regions, the LayerNorm before it and `follower` (a GEMM of the same shape) after it.
+    between Numba parallel regions, the LayerNorm before it and followers[name] (a GEMM of the same shape) after
+    it.
 
     Numba's OpenMP pool and OpenBLAS's pool each spin for a while after their work (OpenBLAS ~60 ms by
     default, unless OPENBLAS_THREAD_TIMEOUT was set before numpy loaded), and a spinning pool takes
@@ -258,7 +261,7 @@ def in_context_round(candidates, follower, rows, k, n):
     def in_context(name):
         layernorm(x, gamma, beta, 1e-6, normed)
         candidates[name](normed, out)
-        follower(normed, after)
+        followers[name](normed, after)
 
     for name in candidates:
         in_context(name)
@@ -292,7 +295,8 @@ def _time_backends(layer, key):
     layers = {name: type(layer)(weight, layer.bias, backend=name) for name in ("numba", "blas")}
     del weight
     candidates = {name: (lambda x, out, name=name: layers[name].run(name, x, out, "none")) for name in layers}
-    choice, best, consistent = choose(in_context_round(candidates, candidates["numba"], rows, k, n))
+    choice, best, consistent = choose(in_context_round(candidates, dict.fromkeys(candidates, candidates["numba"]),
+                                                       rows, k, n))
     _auto_timings[key] = best
     _auto_choice[key] = choice
     return choice, consistent
