@@ -145,3 +145,14 @@ def test_a_win_away_from_the_usual_candidate_is_confirmed():
     assert script == [], "a float32 win over a kernel taking >= AUTO_CONFIRM_MIN_SECONDS is timed a third time"
     tie = {"bf16": [0.002], "fp32": [0.002]}
     assert autotune.decide([tie, tie], usual="bf16")[0] == "bf16"
+
+
+def test_a_handicap_weighs_a_candidate_for_the_choice_only():
+    close = {"bf16": [0.0019, 0.0020], "fp32": [0.0020, 0.0021]}
+    assert autotune.decide([close, close], usual="bf16")[0] == "bf16"
+    choice, best, consistent = autotune.decide([close, close], usual="bf16", handicap={"bf16": 1.25})
+    assert (choice, consistent) == ("fp32", True)
+    assert best == {"bf16": 0.0019, "fp32": 0.0020}, "the reported times are the measured ones"
+    clear = {"bf16": [0.0010], "fp32": [0.0020]}
+    assert autotune.decide([clear, close], usual="bf16", handicap={"bf16": 1.25})[::2] == ("bf16", False)
+
