@@ -72,6 +72,10 @@ class Linear:
             self._weight = (K_BY_N, _gemm.unpack_weight(array, self.in_features, self.out_features))
         elif layout == K_BY_N and backend == "numba":
             self._weight = (PANELS, _gemm.pack_weight(array))
+        else:
+            return
+        del array
+        _aligned.return_freed_memory()
 
     def _adapt_layout(self, choice):
         """What a decision for `choice` does to an auto layer's weight (autotune.AutoBackend.follow)."""

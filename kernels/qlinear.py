@@ -22,6 +22,7 @@ import threading
 import numpy as np
 
 from . import autotune, isa
+from ._aligned import return_freed_memory
 from . import qgemm
 from .linear import Linear, check_layer_call
 
@@ -117,6 +118,8 @@ class QLinear:
             if path != FLOAT32:
                 bias = held.bias[:self.out_features] if self.has_bias else None
                 self._held = (FLOAT32, Linear(qgemm.unpack(held), bias, backend="auto"))
+                del held
+                return_freed_memory()
 
     def race_candidates(self, weight):
         """{path: run(x, out)} for autotune's race on `weight` (N, K) float32 of this layer's shape: this

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from vitnp.kernels import _aligned
 from vitnp.kernels._aligned import ALIGN_BYTES, MAPPED_MIN_BYTES, aligned_empty, empty
 
 
@@ -65,3 +66,26 @@ def test_a_dropped_buffer_gives_its_memory_back():
     del buffer
     gc.collect()
     assert before - resident_mb() > 60
+
+
+def vm_rss_bytes():
+    status = open("/proc/self/status").read()
+    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+
+@pytest.mark.skipif(_aligned._MALLOC_TRIM is None, reason="the C library has no malloc_trim (not glibc)")
+def test_return_freed_memory_gives_freed_heap_pages_back():
+    # Freeing a directly mapped chunk raises glibc's mmap threshold to its size, so the 1 MiB chunks that follow
+    # come from the heap; a small array kept after each one leaves every freed chunk a hole that free() cannot
+    # give back (it shrinks only the heap's top).
+    first = np.ones(16 << 20, np.uint8)
+    del first
+    chunks, kept = [], []
+    for _ in range(96):
+        chunks.append(np.ones(1 << 20, np.uint8))
+        kept.append(np.ones(1 << 12, np.uint8))
+    del chunks
+    before = vm_rss_bytes()
+    assert _aligned.return_freed_memory()
+    assert before - vm_rss_bytes() > 64 << 20
+    assert all(k.all() for k in kept)
