@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+REPOSITORY = Path(__file__).resolve().parent.parent
+# `python -m pytest` puts the working directory first on sys.path.  Run from the repository root, the kernels/
+# directory there (installed as vitnp.kernels) would then be imported as `kernels`, shadowing Hugging Face's
+# `kernels` distribution, which transformers imports when it is installed.  vitnp itself is imported through its
+# installation, never from the working directory.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPOSITORY]
 sys.path.insert(0, str(Path(__file__).parent))
 
 
