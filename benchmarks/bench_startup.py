@@ -97,11 +97,17 @@ def vitnp_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "vitnp"]
 
 
+# Children run from here, not from the caller's working directory: `python -c` and `python -m` put that first on
+# sys.path, and from the repository root its kernels/ directory (installed as vitnp.kernels) would shadow Hugging
+# Face's `kernels` distribution, which transformers imports.  Paths given to children are made absolute first.
+CHILD_DIR = Path(__file__).resolve().parent
+
+
 def run_child(cmd: list[str], env: dict) -> dict:
     """Spawn, note the time of the first stdout line and of exit, and the child's own peak RSS."""
     with tempfile.TemporaryFile("w+") as err:  # a file, so a chatty stderr cannot block the child
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True, cwd=CHILD_DIR)
         first_line = proc.stdout.readline()
         t_first = time.perf_counter()
         rest = proc.stdout.read()
@@ -242,7 +248,7 @@ def profile_groups(env: dict) -> dict:
         try:
             child_env = dict(env, VITNP_CACHE_DIR=cache)
             proc = subprocess.Popen([sys.executable, "-m", "vitnp.kernels.warmup", group], env=child_env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=CHILD_DIR)
             _, status, usage = os.wait4(proc.pid, 0)
             if os.waitstatus_to_exitcode(status) == 0:
                 seconds[group] = round(usage.ru_utime + usage.ru_stime, 2)
@@ -403,6 +409,9 @@ def parse_args(argv=None):
     p.add_argument("--no-reexec", action="store_true",
                    help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (default: re-run without them)")
     args = p.parse_args(argv)
+    args.image = args.image.resolve()
+    if args.checkpoint:
+        args.checkpoint = str(Path(args.checkpoint).resolve())
     if args.runs is None:
         args.runs = 2 if args.quick else 5
     if args.runs < 1:
