@@ -46,7 +46,7 @@ def aligned_empty(rows, row_elements, dtype=np.float32):
 def _malloc_trim():
     try:
         return ctypes.CDLL(None).malloc_trim  # glibc
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # no such function, or no C library to ask
         return None
 
 

@@ -22,8 +22,8 @@ import threading
 import numpy as np
 
 from . import autotune, isa
-from ._aligned import return_freed_memory
 from . import qgemm
+from ._aligned import return_freed_memory
 from .linear import Linear, check_layer_call
 
 REDUCED = ("bf16", "int8")  # the precisions QLinear holds a weight in
