@@ -6,8 +6,8 @@
 int8: the weight is quantised once here (symmetric, per output channel) and the activations per row at
 run time; bf16: the weight is rounded to bfloat16 once.  The kernels are in qgemm/.
 
-With backend="auto" the layer runs the faster of its kernel and the float32 GEMM per row count
-(autotune.AutoPrecision, timed in context on this CPU).  The float32 path multiplies by exactly the weight the
+With backend="auto" the layer runs, per row count, its kernel where that is clearly faster than the float32
+GEMM, else the float32 GEMM (autotune.AutoPrecision, timed in context on this CPU; the bar: REDUCED_MIN_GAIN).  The float32 path multiplies by exactly the weight the
 reduced kernel multiplies by (qgemm.unpack: the bf16 values, or the int8 values times their scales), in float32
 with unrounded activations, so it is never less accurate than the kernel it replaces.  The layer holds one
 weight: the first row count float32 wins for replaces the reduced weight by that float32 copy, and the layer
@@ -27,7 +27,7 @@ from ._aligned import return_freed_memory
 from .linear import Linear, check_layer_call
 
 REDUCED = ("bf16", "int8")  # the precisions QLinear holds a weight in
-BACKENDS = ("numba", "auto")  # numba: always the reduced kernel; auto: that or float32, whichever is faster
+BACKENDS = ("numba", "auto")  # numba: always the reduced kernel; auto: that where clearly faster, else float32
 FLOAT32 = autotune.FLOAT32
 _switch_lock = threading.Lock()
 

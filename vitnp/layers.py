@@ -5,15 +5,15 @@ precision; options.FLOAT32_LAYERS says which roles stay float32 per precision (f
 heads; int8: none, it quantises the heads too, as ONNX Runtime's quantize_dynamic does: measured within the
 accuracy targets, and it keeps ViT-B's CLI under 300 MB).  The warm-up compiles the kernels the same rule picks.
 
-A reduced precision never costs speed: with the "auto" backend (the default) each QLinear runs, per row count,
-the faster of its int8 / bf16 kernel and the float32 GEMM on this CPU (timed in context like the float32 auto
-backend's Numba-or-BLAS choice, stored per machine, reported by Classifier.backend_report()), because the
-precision is a ceiling on the error, not a request for a kernel: the float32 path multiplies by the same
-reduced weight with unrounded activations, so it is at least as accurate, and where it is faster (bf16 without
-AVX512_BF16, or on a CPU whose bf16 unit is slow) it is the better answer to what was asked.  With an explicit
-backend ("numba" or "blas") every reduced layer runs its reduced kernel, exactly as asked (what benchmarks of a
-kernel, and weights shared read-only between processes, need).  A layer moves to float32 at most once and holds
-one weight at any time (kernels.qlinear).
+A reduced precision never costs speed: with the "auto" backend (the default) each QLinear runs, per row count, its
+int8 / bf16 kernel where that is clearly faster than the float32 GEMM on this CPU, else the float32 GEMM
+(autotune.REDUCED_MIN_GAIN; timed in context like the float32 auto backend's Numba-or-BLAS choice, stored per
+machine, reported by Classifier.backend_report()), because the precision is a ceiling on the error, not a request
+for a kernel: the float32 path multiplies by the same reduced weight with unrounded activations, so it is at least
+as accurate, and where it is faster (bf16 without AVX512_BF16, or on a CPU whose bf16 unit is slow) it is the
+better answer to what was asked. With an explicit backend ("numba" or "blas") every reduced layer runs its reduced
+kernel, exactly as asked (what benchmarks of a kernel, and weights shared read-only between processes, need). A
+layer moves to float32 at most once and holds one weight at any time (kernels.qlinear).
 
     layer = build("fc1", weight, bias, options)        # weight (N, K); for "qkv" the list [q, k, v]
     groups = kernel_groups(options)                    # what vitnp.kernels.warmup compiles for a model
