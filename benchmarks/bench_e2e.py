@@ -493,7 +493,7 @@ def run(args) -> dict:
                                ("latency_vs_openvino_default", "openvino-default"),
                                ("latency_vs_fp32", FP32_COUNTERPART.get(row["system"]))):
                 row[key] = row["median_ms"] / rows[other]["median_ms"] if other in rows else None
-                row[key.replace("latency_", "min_")] = row["min_ms"] / rows[other]["min_ms"] if other in rows else None
+                row[min_ratio_key(key)] = row["min_ms"] / rows[other]["min_ms"] if other in rows else None
             results.append(row)
         print_batch_table(batch, flops / batch, list(rows.values()))
         noise_warnings += common.print_noise_warnings([
@@ -553,6 +553,12 @@ def print_batch_table(batch: int, gflop_per_img: float, rows: list[dict]) -> Non
     print(common.format_table(headers, table), flush=True)
 
 
+def min_ratio_key(key: str):
+    """The row key of the ratio of minima beside the latency ratio `key` (latency_vs_X -> min_vs_X); None for a key
+    that is no latency ratio (a speed-up)."""
+    return "min_" + key[len("latency_"):] if key.startswith("latency_") else None
+
+
 def evaluate_targets(results: list[dict], amx: bool) -> list[dict]:
     """PASS/FAIL per vitnp row and target whose comparison system ran (bf16 vs OpenVINO only on AMX CPUs)."""
     checks = [  # (metric, row key, which vitnp systems, bound, at most?)
@@ -573,9 +579,8 @@ def evaluate_targets(results: list[dict], amx: bool) -> list[dict]:
             value = row.get(key)
             if value is None or (only and row["system"] not in only):
                 continue
-            min_key = key.replace("latency_", "min_")
             targets.append({"system": row["system"], "batch": row["batch"], "metric": metric, "value": value,
-                            "min_value": row.get(min_key) if min_key != key else None,
+                            "min_value": row.get(min_ratio_key(key)),
                             "target": f"{'<=' if at_most else '>='} {bound}",
                             "pass": value <= bound if at_most else value >= bound})
     return targets

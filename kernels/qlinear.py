@@ -7,12 +7,13 @@ int8: the weight is quantised once here (symmetric, per output channel) and the 
 run time; bf16: the weight is rounded to bfloat16 once.  The kernels are in qgemm/.
 
 With backend="auto" the layer runs, per row count, its kernel where that is clearly faster than the float32
-GEMM, else the float32 GEMM (autotune.AutoPrecision, timed in context on this CPU; the bar: REDUCED_MIN_GAIN).  The float32 path multiplies by exactly the weight the
-reduced kernel multiplies by (qgemm.unpack: the bf16 values, or the int8 values times their scales), in float32
-with unrounded activations, so it is never less accurate than the kernel it replaces.  The layer holds one
-weight: the first row count float32 wins for replaces the reduced weight by that float32 copy, and the layer
-stays float32 from then on (it is at least as accurate, and it was faster for a shape the layer runs), so a
-weight is never converted back and forth and never held twice.
+GEMM, else the float32 GEMM (autotune.AutoPrecision, timed in context on this CPU; the bar: REDUCED_MIN_GAIN).
+The float32 path multiplies by exactly the weight the reduced kernel multiplies by (qgemm.unpack: the bf16
+values, or the int8 values times their scales), in float32 with unrounded activations, so it is never less
+accurate than the kernel it replaces. The layer holds one weight: the first row count float32 wins for replaces
+the reduced weight by that float32 copy, and the layer stays float32 from then on (it is at least as accurate,
+and it was faster for a shape the layer runs), so a weight is never converted back and forth and never held
+twice.
 """
 from __future__ import annotations
 
